@@ -1,0 +1,166 @@
+/*
+ * vhostd.h — the interface between the Python control plane and the C datapath.
+ *
+ * Everything between the "cdef-begin" and "cdef-end" markers is read verbatim by
+ * vhostd/_build_ffi.py as the cffi cdef, so it must stay plain C declarations
+ * (no includes, no macros other than integer #defines, no inline code).
+ *
+ * Ownership rules (see ../shared/CONVENTIONS.md):
+ *  - Python owns every fd (kick, call, err, TAP) and every mapping; C only uses
+ *    the numbers and addresses it is handed.
+ *  - A struct vr_qp is one queue pair (RX vq 2n, TX vq 2n+1) served by one worker
+ *    thread. Every vr_qp_set_* / vr_qp_*_base call and every change to the
+ *    struct vr_mem a qp points at happens between vr_qp_pause() and vr_qp_resume()
+ *    (or before vr_qp_start()); the worker never reads configuration otherwise.
+ *  - Functions return >= 0 on success or -errno; vhostd/native.py turns that into
+ *    exceptions.
+ */
+#ifndef VHOSTD_H
+#define VHOSTD_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* cdef-begin */
+
+#define VR_MAX_REGIONS 32       /* memory regions per device */
+#define VR_MAX_QUEUE_SIZE 32768 /* virtio spec limit for split rings */
+#define VR_MAX_IOV 1024         /* UIO_MAXIOV: longest chain we hand to readv/writev */
+
+/* Address spaces for vr_translate(). */
+#define VR_SPACE_GPA 0          /* guest-physical: descriptor addresses */
+#define VR_SPACE_UVA 1          /* frontend virtual: SET_VRING_ADDR addresses */
+
+/* vq index inside a queue pair */
+#define VR_RX 0
+#define VR_TX 1
+
+/* Feature bits the datapath looks at (virtio numbering). */
+#define VR_F_CSUM 0
+#define VR_F_GUEST_CSUM 1
+#define VR_F_HOST_TSO4 11
+#define VR_F_HOST_TSO6 12
+#define VR_F_HOST_ECN 13
+#define VR_F_HOST_UFO 14
+#define VR_F_MRG_RXBUF 15
+#define VR_F_INDIRECT_DESC 28
+#define VR_F_EVENT_IDX 29
+#define VR_F_VERSION_1 32
+#define VR_F_RING_PACKED 34
+
+/* Why a vq stopped being serviced (vr_vq_stats.broken). 0 = healthy. */
+#define VR_BROKEN_NONE 0
+#define VR_BROKEN_AVAIL_IDX 1    /* avail idx ran more than the queue size ahead */
+#define VR_BROKEN_DESC 2         /* descriptor index, loop, length or flags invalid */
+#define VR_BROKEN_ADDR 3         /* a buffer lies outside guest memory */
+#define VR_BROKEN_INDIRECT 4     /* bad indirect table (size, nesting, NEXT+INDIRECT) */
+#define VR_BROKEN_RING_ADDR 5    /* desc/avail/used not inside one mapped region */
+
+/* One guest memory region, as SET_MEM_TABLE describes it plus where we mapped it. */
+struct vr_region {
+    uint64_t gpa;           /* guest physical address of the first byte */
+    uint64_t uva;           /* frontend (QEMU) virtual address of the first byte */
+    uint64_t size;          /* bytes */
+    uint64_t hva;           /* our address of the first byte (mmap base + mmap_offset) */
+};
+
+/* The region table of one device; shared by all its queue pairs. */
+struct vr_mem {
+    uint32_t nregions;
+    struct vr_region regions[VR_MAX_REGIONS];
+};
+
+/*
+ * Per-vq counters. Written only by the worker thread (plain u64 stores, no locks);
+ * the control plane reads them racily, which is fine for aligned u64 on our targets.
+ */
+struct vr_vq_stats {
+    uint64_t packets;           /* frames moved (TX: written to TAP; RX: given to guest) */
+    uint64_t bytes;             /* frame bytes, vnet header excluded */
+    uint64_t drop_ring_full;    /* RX: frame read but no/too small guest buffer */
+    uint64_t drop_tap_busy;     /* TX: TAP write returned EAGAIN/ENOBUFS */
+    uint64_t drop_tap_error;    /* TX: TAP write failed otherwise (EINVAL, EIO, ...) */
+    uint64_t drop_bad_desc;     /* chain rejected (see broken) */
+    uint64_t drop_bad_hdr;      /* TX: vnet header refused */
+    uint64_t drop_disabled;     /* TX: ring started but disabled: consumed and dropped */
+    uint64_t kicks;             /* kick eventfd reads that found a kick */
+    uint64_t calls;             /* call eventfd writes */
+    uint64_t calls_suppressed;  /* calls skipped because the guest asked us not to */
+    uint64_t batch_hist[8];     /* chains per burst: 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128+ */
+    uint32_t broken;            /* VR_BROKEN_*; nonzero: ring no longer serviced */
+    uint32_t broken_detail;     /* descriptor index or similar, for the log line */
+};
+
+struct vr_qp;                   /* opaque: one queue pair + its worker thread */
+
+/* --- guest memory (guest_mem.c) --- */
+
+/* mmap(NULL, len, PROT_READ|PROT_WRITE, MAP_SHARED, fd, 0). *addr gets the base. */
+int vr_mmap(int fd, uint64_t len, uint64_t *addr);
+int vr_munmap(uint64_t addr, uint64_t len);
+
+/*
+ * The one translation function (exported copy of the inline one the datapath uses):
+ * host pointer for `addr` in `space`, or NULL if unmapped. On success *len is
+ * clamped to the bytes that are contiguous in that region (so callers loop to
+ * cover a range that spans regions). Overflow-safe for any addr and *len.
+ */
+void *vr_translate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t *len);
+
+/* Checks a table: regions non-empty, no gpa/uva overflow, no gpa overlap. 0 or -EINVAL. */
+int vr_mem_validate(const struct vr_mem *mem);
+
+/* --- queue pair and worker (worker.c) --- */
+
+/*
+ * Creates a queue pair bound to `mem` (which must outlive it) and `tap_fd`
+ * (non-blocking, IFF_VNET_HDR), and starts its worker thread, idle until both
+ * rings are ready. NULL on failure (errno set).
+ */
+struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd);
+
+/* Stops and joins the worker, frees the qp. Closes no fd. */
+void vr_qp_free(struct vr_qp *qp);
+
+/* Synchronous: returns once the worker is parked outside the datapath. Nests: each
+ * pause needs one resume. */
+int vr_qp_pause(struct vr_qp *qp);
+int vr_qp_resume(struct vr_qp *qp);
+
+/* Negotiated virtio features (VR_F_* bits) and the vnet header length (10 or 12). */
+int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_len);
+
+/* Ring configuration for vq `which` (VR_RX / VR_TX). Paused only. */
+int vr_qp_set_num(struct vr_qp *qp, int which, uint32_t num);           /* -EINVAL: 0, > max, not 2^n */
+int vr_qp_set_addr(struct vr_qp *qp, int which, uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva);
+int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base);         /* split: last_avail = used = base */
+int vr_qp_get_base(struct vr_qp *qp, int which, uint32_t *base);        /* split: last_avail_idx */
+int vr_qp_set_kick(struct vr_qp *qp, int which, int fd);   /* -1: none. Stops watching the old fd now. */
+int vr_qp_set_call(struct vr_qp *qp, int which, int fd);   /* -1: none */
+int vr_qp_set_err(struct vr_qp *qp, int which, int fd);    /* -1: none; written once when the vq breaks */
+int vr_qp_set_started(struct vr_qp *qp, int which, int started);
+int vr_qp_set_enabled(struct vr_qp *qp, int which, int enabled);
+
+/*
+ * (Re)translates the ring addresses of both vqs through the current memory table.
+ * Call after SET_VRING_ADDR or after the table changed. A vq whose rings are set
+ * but not inside guest memory gets -EFAULT and is not serviced until the next
+ * successful call. Paused only.
+ */
+int vr_qp_map(struct vr_qp *qp);
+
+/* Counters of vq `which`; valid for the qp's lifetime. Readable any time. */
+const struct vr_vq_stats *vr_qp_stats(struct vr_qp *qp, int which);
+
+/* Zeroes the counters and the broken state of vq `which`. Paused only. */
+int vr_qp_reset_vq(struct vr_qp *qp, int which);
+
+/*
+ * An eventfd the worker writes when something the control plane should log
+ * happened (a vq broke). Owned by the qp; Python only watches it and reads it.
+ */
+int vr_qp_event_fd(struct vr_qp *qp);
+
+/* cdef-end */
+
+#endif /* VHOSTD_H */

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what vhostd's demo and tests need on a fresh Debian 12 machine (as root):
+# Debian packages (QEMU, busybox for the guest, DPDK as a reference peer, compiler)
+# and a virtualenv at .venv with vhostd built and installed into it.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(qemu-system-x86 busybox-static dpdk-dev iproute2 procps gcc python3-dev python3-venv cpio xz-utils zstd kmod)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "install-deps: apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+# Rebuild the extension whenever C or build inputs changed since the last install.
+stamp=.venv/.vhostd-build-stamp
+want=$(cat pyproject.toml setup.py vhostd/_build_ffi.py csrc/*.[ch] | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi

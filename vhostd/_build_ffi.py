@@ -1,0 +1,38 @@
+"""cffi builder (out-of-line API mode) for vhostd._native.
+
+The cdef is the marked section of csrc/vhostd.h, so the header is the single
+source of truth for the C interface. `pip install .` runs this through setup.py;
+`python vhostd/_build_ffi.py` builds the extension in place for development.
+"""
+import glob
+import os
+
+from cffi import FFI
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC = os.path.join(os.path.dirname(_HERE), "csrc")
+
+
+def _cdef_from_header(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("/* cdef-begin */") + len("/* cdef-begin */")
+    end = text.index("/* cdef-end */")
+    return text[start:end]
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef_from_header(os.path.join(_CSRC, "vhostd.h")))
+ffibuilder.set_source(
+    "vhostd._native",
+    '#include "vhostd.h"',
+    # Relative paths: setuptools wants sources relative to setup.py.
+    sources=sorted(os.path.relpath(p, os.path.dirname(_HERE)) for p in glob.glob(os.path.join(_CSRC, "*.c"))),
+    include_dirs=[os.path.relpath(_CSRC, os.path.dirname(_HERE))],
+    extra_compile_args=["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
+    extra_link_args=["-pthread"],
+)
+
+if __name__ == "__main__":
+    os.chdir(os.path.dirname(_HERE))
+    ffibuilder.compile(tmpdir=".", verbose=False)

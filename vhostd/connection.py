@@ -1,0 +1,142 @@
+"""One vhost-user socket: raw non-blocking AF_UNIX reads with recvmsg + SCM_RIGHTS.
+
+Never an asyncio Transport: Transports drop ancillary data, and every fd the
+frontend passes (memory regions, kick/call eventfds) travels as SCM_RIGHTS with
+the first byte of its message (vhost-user spec, "Communication").
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+
+from vhostd.errors import ProtocolError
+from vhostd.protocol import HEADER, MAX_FDS, Header
+
+_FD_SIZE = array.array("i").itemsize
+
+
+class OwnedFd:
+    """An fd we are responsible for closing exactly once.
+
+    Received fds become OwnedFd the moment recvmsg returns, so every error path
+    closes them. `take()` hands ownership to another holder.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def take(self) -> "OwnedFd":
+        owned, self.fd = OwnedFd(self.fd), -1
+        return owned
+
+    def __repr__(self) -> str:
+        return f"OwnedFd({self.fd})"
+
+    def __del__(self):
+        if self.fd >= 0:  # pragma: no cover - a leak guard, not a code path
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+def close_all(fds: list[OwnedFd]) -> None:
+    for f in fds:
+        f.close()
+
+
+class Connection:
+    """Message framing over a connected vhost-user socket."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+
+    async def _wait(self, writable: bool = False) -> None:
+        fut = self._loop.create_future()
+        fd = self.sock.fileno()
+        add, remove = (
+            (self._loop.add_writer, self._loop.remove_writer)
+            if writable
+            else (self._loop.add_reader, self._loop.remove_reader)
+        )
+        add(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            remove(fd)
+
+    async def _recv_some(self, n: int, want_fds: bool) -> tuple[bytes, list[OwnedFd]]:
+        while True:
+            try:
+                if want_fds:
+                    data, anc, flags, _ = self.sock.recvmsg(n, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE))
+                else:
+                    return self.sock.recv(n), []
+            except (BlockingIOError, InterruptedError):
+                await self._wait()
+                continue
+            fds = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                    fds.extend(OwnedFd(fd) for fd in arr)
+            if flags & socket.MSG_CTRUNC:
+                close_all(fds)
+                raise ProtocolError(f"more than {MAX_FDS} fds in one message")
+            return data, fds
+
+    async def recv_message(self) -> tuple[Header, bytes, list[OwnedFd]] | None:
+        """The next message, or None on a clean EOF between messages."""
+        fds: list[OwnedFd] = []
+        try:
+            head = b""
+            while len(head) < HEADER.size:
+                chunk, more = await self._recv_some(HEADER.size - len(head), want_fds=True)
+                fds.extend(more)
+                if not chunk:
+                    if head or fds:
+                        raise ProtocolError("connection closed inside a message header")
+                    return None
+                head += chunk
+            header = Header.unpack(head)
+            payload = b""
+            while len(payload) < header.size:
+                chunk, more = await self._recv_some(header.size - len(payload), want_fds=True)
+                fds.extend(more)
+                if not chunk:
+                    raise ProtocolError(f"connection closed inside request {header.request} payload")
+                payload += chunk
+            if len(fds) > MAX_FDS:
+                raise ProtocolError(f"{len(fds)} fds in one message (max {MAX_FDS})")
+            return header, payload, fds
+        except BaseException:
+            close_all(fds)
+            raise
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writable=True)
+                continue
+            view = view[sent:]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()

@@ -1,0 +1,133 @@
+"""Guest memory: the regions of SET_MEM_TABLE / ADD_MEM_REG mapped from the frontend's fds.
+
+vhost-user spec, "Memory region description": each region is mmapped from its
+fd with length size + mmap_offset; host address = base + mmap_offset + (gpa - gpa_start).
+This module owns the mappings and their lifetime and keeps the C region table
+(struct vr_mem) in step; the datapath translates through that table only.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from vhostd.connection import OwnedFd
+from vhostd.errors import RequestError
+from vhostd.native import check, ffi, lib
+from vhostd.protocol import MemRegion
+
+log = logging.getLogger(__name__)
+
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+F_SEAL_SHRINK = 0x0002
+
+
+@dataclass
+class MappedRegion:
+    region: MemRegion
+    base: int  # address returned by mmap
+    length: int  # size + mmap_offset
+    fd: OwnedFd
+
+    @property
+    def hva(self) -> int:
+        return self.base + self.region.mmap_offset
+
+
+def _map(region: MemRegion, fd: OwnedFd) -> MappedRegion:
+    """mmap one region after checking the fd really backs it.
+
+    Touching a mapping past the end of its file raises SIGBUS, which would kill
+    the daemon: a region must fit inside the file it claims to come from.
+    """
+    st = os.fstat(fd.fd)
+    length = region.size + region.mmap_offset
+    if not stat.S_ISREG(st.st_mode):
+        raise RequestError(f"memory region gpa {region.gpa:#x}: fd is not a regular file or memfd")
+    if st.st_size < length:
+        raise RequestError(
+            f"memory region gpa {region.gpa:#x}: size {region.size:#x} + offset {region.mmap_offset:#x} "
+            f"exceeds its file ({st.st_size:#x} bytes)"
+        )
+    try:
+        sealed = bool(fcntl.fcntl(fd.fd, F_GET_SEALS) & F_SEAL_SHRINK)
+    except OSError:
+        sealed = False
+    if not sealed:
+        log.debug("memory region gpa %#x: file is not sealed against shrinking", region.gpa)
+    addr = ffi.new("uint64_t *")
+    check(lib.vr_mmap(fd.fd, length, addr), f"mmap of region gpa {region.gpa:#x} size {region.size:#x}")
+    return MappedRegion(region, addr[0], length, fd.take())
+
+
+def _unmap(m: MappedRegion) -> None:
+    lib.vr_munmap(m.base, m.length)
+    m.fd.close()
+
+
+class GuestMemory:
+    """The mapped regions of one device and the C table describing them.
+
+    `table` is what every queue pair of the device reads; callers change it only
+    while those queue pairs are paused.
+    """
+
+    def __init__(self) -> None:
+        self.table = ffi.new("struct vr_mem *")
+        self.regions: list[MappedRegion] = []
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    @property
+    def total_size(self) -> int:
+        return sum(m.region.size for m in self.regions)
+
+    def prepare(self, regions: list[MemRegion], fds: list[OwnedFd]) -> list[MappedRegion]:
+        """Maps a new table without touching the live one (all or nothing)."""
+        if len(regions) > lib.VR_MAX_REGIONS:
+            raise RequestError(f"{len(regions)} memory regions (max {lib.VR_MAX_REGIONS})")
+        mapped: list[MappedRegion] = []
+        try:
+            for region, fd in zip(regions, fds, strict=True):
+                mapped.append(_map(region, fd))
+            self._check_table(mapped)
+        except BaseException:
+            for m in mapped:
+                _unmap(m)
+            raise
+        return mapped
+
+    @staticmethod
+    def _check_table(mapped: list[MappedRegion]) -> None:
+        probe = ffi.new("struct vr_mem *")
+        _fill(probe, mapped)
+        if lib.vr_mem_validate(probe) < 0:
+            raise RequestError("memory table has overlapping or wrapping regions")
+
+    def install(self, mapped: list[MappedRegion]) -> list[MappedRegion]:
+        """Swaps in a prepared table; returns the old regions for `release`.
+
+        The caller has paused every queue pair reading this table.
+        """
+        old, self.regions = self.regions, mapped
+        _fill(self.table, self.regions)
+        return old
+
+    @staticmethod
+    def release(old: list[MappedRegion]) -> None:
+        for m in old:
+            _unmap(m)
+
+    def clear(self) -> None:
+        """Unmaps everything (queue pairs paused or gone)."""
+        self.release(self.install([]))
+
+
+def _fill(table, mapped: list[MappedRegion]) -> None:
+    table.nregions = len(mapped)
+    for i, m in enumerate(mapped):
+        r = table.regions[i]
+        r.gpa, r.uva, r.size, r.hva = m.region.gpa, m.region.uva, m.region.size, m.hva

@@ -1,0 +1,246 @@
+"""The virtio-net device behind one port: offered features, queue pairs, TAP, memory.
+
+virtio 1.2 §5.1 (network device): virtqueue 2n is receiveq n, 2n+1 transmitq n.
+Each queue pair is served by one C worker (csrc/worker.c) bound to one TAP
+queue fd. The control plane pauses a pair's worker around every change of its
+rings, and every pair of the device around a change of the memory table.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+from vhostd import tap as taplib
+from vhostd.errors import NativeError, RequestError, SetupError
+from vhostd.memory import GuestMemory, MappedRegion
+from vhostd.native import BROKEN_REASONS, RX, TX, check, ffi, lib
+from vhostd.protocol import F_PROTOCOL_FEATURES, ProtocolFeature, bit
+from vhostd.stats import VQ_COUNTERS, vq_counters
+from vhostd.vring import Vring
+
+log = logging.getLogger(__name__)
+
+# virtio feature bits (virtio 1.2 §5.1.3, §6)
+F_MQ = 22
+F_INDIRECT_DESC = 28
+F_EVENT_IDX = 29
+F_VERSION_1 = 32
+F_MRG_RXBUF = 15
+
+FEATURE_NAMES = {
+    0: "CSUM", 1: "GUEST_CSUM", 3: "MTU", 7: "GUEST_TSO4", 8: "GUEST_TSO6", 9: "GUEST_ECN",
+    10: "GUEST_UFO", 11: "HOST_TSO4", 12: "HOST_TSO6", 13: "HOST_ECN", 14: "HOST_UFO",
+    15: "MRG_RXBUF", 22: "MQ", 26: "LOG_ALL", 28: "INDIRECT_DESC", 29: "EVENT_IDX",
+    30: "PROTOCOL_FEATURES", 32: "VERSION_1", 34: "RING_PACKED", 35: "IN_ORDER",
+}
+
+
+def feature_names(features: int, names: dict[int, str] = FEATURE_NAMES) -> list[str]:
+    return [names.get(b, f"bit{b}") for b in range(64) if features >> b & 1]
+
+
+def offered_features(queue_pairs: int) -> int:
+    features = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX) | bit(F_PROTOCOL_FEATURES)
+    if queue_pairs > 1:
+        features |= bit(F_MQ)
+    return features
+
+
+OFFERED_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.STATUS)
+
+
+def vnet_hdr_len(features: int) -> int:
+    """virtio 1.2 §5.1.6: num_buffers is present with VERSION_1 or MRG_RXBUF."""
+    return 12 if features & (bit(F_VERSION_1) | bit(F_MRG_RXBUF)) else 10
+
+
+class QueuePair:
+    """One C worker and its two vrings' datapath state."""
+
+    def __init__(self, index: int, mem: GuestMemory, tap_fd: int):
+        self.index = index
+        ptr = lib.vr_qp_new(mem.table, tap_fd)
+        if ptr == ffi.NULL:
+            raise SetupError(f"queue pair {index}: cannot start worker: {os.strerror(ffi.errno)}")
+        self.ptr = ptr
+        self.event_fd = lib.vr_qp_event_fd(ptr)
+        self._carried = {RX: dict.fromkeys(VQ_COUNTERS, 0), TX: dict.fromkeys(VQ_COUNTERS, 0)}
+        self.reported_broken = {RX: 0, TX: 0}
+
+    @contextmanager
+    def paused(self):
+        check(lib.vr_qp_pause(self.ptr), f"pause queue pair {self.index}")
+        try:
+            yield
+        finally:
+            check(lib.vr_qp_resume(self.ptr), f"resume queue pair {self.index}")
+
+    def push(self, vring: Vring) -> None:
+        """Hands the vring's configuration to C. Caller holds `paused()`."""
+        w, what = vring.which, f"vring {vring.index}"
+        if vring.num:
+            check(lib.vr_qp_set_num(self.ptr, w, vring.num), f"{what} size {vring.num:#x}")
+        addr = vring.addr
+        check(lib.vr_qp_set_addr(self.ptr, w, *(addr.desc, addr.avail, addr.used) if addr else (0, 0, 0)), what)
+        for attr, setter in (("kick", lib.vr_qp_set_kick), ("call", lib.vr_qp_set_call), ("err", lib.vr_qp_set_err)):
+            f = getattr(vring, attr)
+            check(setter(self.ptr, w, f.fd if f is not None else -1), f"{what} {attr} fd")
+        check(lib.vr_qp_set_enabled(self.ptr, w, int(vring.enabled)), what)
+        check(lib.vr_qp_set_started(self.ptr, w, int(vring.started)), what)
+
+    def map(self) -> bool:
+        """(Re)translates ring addresses; False if a configured ring is outside memory."""
+        return lib.vr_qp_map(self.ptr) >= 0
+
+    def counters(self, which: int) -> dict:
+        live = vq_counters(lib.vr_qp_stats(self.ptr, which))
+        carried = self._carried[which]
+        return {k: (v + carried[k] if k in carried else v) for k, v in live.items()}
+
+    def reset_vq(self, which: int) -> None:
+        """Clears ring state for a new frontend; counters carry over. Caller holds `paused()`."""
+        self._carried[which] = {k: v for k, v in self.counters(which).items() if k in VQ_COUNTERS}
+        check(lib.vr_qp_reset_vq(self.ptr, which), f"reset queue pair {self.index}")
+        self.reported_broken[which] = 0
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            lib.vr_qp_free(self.ptr)
+            self.ptr = None
+
+
+class NetDevice:
+    """A port's virtio-net device: lives as long as the port, across frontends."""
+
+    def __init__(self, port: str, tap: taplib.Tap, queue_pairs: int):
+        self.port = port
+        self.tap = tap
+        self.queue_pairs = queue_pairs
+        self.features = offered_features(queue_pairs)
+        self.protocol_features = OFFERED_PROTOCOL_FEATURES
+        self.mem = GuestMemory()
+        self.qps: list[QueuePair] = []
+        try:
+            for i in range(queue_pairs):
+                self.qps.append(QueuePair(i, self.mem, tap.fds[i].fd))
+        except BaseException:
+            self.close()
+            raise
+
+    def qp_of(self, vring: Vring) -> QueuePair:
+        return self.qps[vring.qp]
+
+    @contextmanager
+    def all_paused(self):
+        paused = []
+        try:
+            for qp in self.qps:
+                check(lib.vr_qp_pause(qp.ptr), f"pause queue pair {qp.index}")
+                paused.append(qp)
+            yield
+        finally:
+            for qp in reversed(paused):
+                lib.vr_qp_resume(qp.ptr)
+
+    def set_features(self, acked: int) -> None:
+        hdr = vnet_hdr_len(acked)
+        with self.all_paused():
+            for qp in self.qps:
+                check(lib.vr_qp_set_features(qp.ptr, acked, hdr), f"features {acked:#x}")
+            for fd in self.tap.fds:
+                taplib.set_vnet_hdr_len(fd, hdr)
+                taplib.set_offload(fd, 0)  # offloads arrive with the offload issue
+
+    def install_memory(self, mapped: list[MappedRegion], vrings: list[Vring]) -> None:
+        with self.all_paused():
+            old = self.mem.install(mapped)
+            for qp in self.qps:
+                qp.map()
+            self._note_mapped(vrings)
+        self.mem.release(old)
+
+    def apply(self, vring: Vring, vrings: list[Vring], base: int | None = None) -> None:
+        """Pushes one vring's configuration into its worker (paused around it)."""
+        qp = self.qp_of(vring)
+        with qp.paused():
+            qp.push(vring)
+            if base is not None:
+                check(lib.vr_qp_set_base(qp.ptr, vring.which, base), f"vring {vring.index} base {base:#x}")
+            qp.map()
+            self._note_mapped(vrings)
+
+    def _note_mapped(self, vrings: list[Vring]) -> None:
+        """Learns which configured rings C could map (mapping failures are per qp)."""
+        for v in vrings:
+            if not v.configured or not len(self.mem):
+                v.mapped = False
+                continue
+            ok = True
+            for uva, size in ((v.addr.desc, 16 * v.num), (v.addr.avail, 6 + 2 * v.num), (v.addr.used, 6 + 8 * v.num)):
+                length = ffi.new("uint64_t *", size)
+                if lib.vr_translate(self.mem.table, lib.VR_SPACE_UVA, uva, length) == ffi.NULL or length[0] < size:
+                    ok = False
+            v.mapped = ok
+
+    def stop_vring(self, vring: Vring) -> int:
+        """GET_VRING_BASE: stops the ring and returns where the device stopped."""
+        qp = self.qp_of(vring)
+        base = ffi.new("uint32_t *")
+        with qp.paused():
+            check(lib.vr_qp_get_base(qp.ptr, vring.which, base), f"vring {vring.index} base")
+            vring.started = False
+            check(lib.vr_qp_set_started(qp.ptr, vring.which, 0), f"vring {vring.index}")
+        return base[0]
+
+    def reset(self, vrings: list[Vring]) -> None:
+        """Forgets a frontend: rings idle, fds released, memory unmapped. The TAP stays."""
+        with self.all_paused():
+            for v in vrings:
+                qp = self.qp_of(v)
+                fresh = Vring(v.index)
+                qp.push(fresh)
+                qp.reset_vq(v.which)
+            self.mem.clear()
+        for v in vrings:
+            v.release()
+
+    def check_events(self) -> list[str]:
+        """Log lines for vrings that broke since the last call (the worker's event fd fired)."""
+        lines = []
+        for qp in self.qps:
+            try:
+                os.eventfd_read(qp.event_fd)
+            except BlockingIOError:
+                pass
+            for which in (RX, TX):
+                st = lib.vr_qp_stats(qp.ptr, which)
+                if st.broken and not qp.reported_broken[which]:
+                    qp.reported_broken[which] = st.broken
+                    lines.append(
+                        f"vring {2 * qp.index + which} stopped: {BROKEN_REASONS.get(st.broken, st.broken)}"
+                        f" (detail {st.broken_detail:#x})"
+                    )
+        return lines
+
+    def counters(self) -> list[dict]:
+        out = []
+        for qp in self.qps:
+            for which, name in ((RX, "rx"), (TX, "tx")):
+                out.append({"queue_pair": qp.index, "vring": 2 * qp.index + which, "dir": name, **qp.counters(which)})
+        return out
+
+    def close(self) -> None:
+        for qp in self.qps:
+            qp.free()
+        self.qps.clear()
+        self.mem.clear()
+        self.tap.close()
+
+
+def validate_vring_index(index: int, queue_pairs: int) -> None:
+    if index >= 2 * queue_pairs:
+        raise RequestError(f"vring index {index:#x} out of range (queues={queue_pairs})")
+
+
+__all__ = ["NetDevice", "QueuePair", "NativeError", "validate_vring_index"]

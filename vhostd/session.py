@@ -1,0 +1,242 @@
+"""One frontend connection: negotiated features, owner, memory, vrings, ring states.
+
+Implements the meaning of the vhost-user front-end requests ("Front-end message
+types" and "Ring states" in the spec): the third validation layer, after
+protocol.py (syntax) and dispatch.py (payload size, fd count, vring index).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from vhostd.connection import Connection, OwnedFd, close_all
+from vhostd.dispatch import dispatch
+from vhostd.errors import ProtocolError, RequestError
+from vhostd.net import NetDevice, feature_names, validate_vring_index
+from vhostd.protocol import (
+    F_PROTOCOL_FEATURES,
+    MemRegion,
+    ProtocolFeature,
+    VringAddr,
+    VringFile,
+    VringState,
+    bit,
+    pack_u64,
+)
+from vhostd.vring import Vring
+
+_VRING_FILE_RESERVED = ~0x1FF & ((1 << 64) - 1)
+
+
+class Session:
+    def __init__(self, device: NetDevice, conn: Connection, log: logging.LoggerAdapter, peer: str = ""):
+        self.device = device
+        self.conn = conn
+        self.log = log
+        self.peer = peer
+        self.vrings = [Vring(i) for i in range(2 * device.queue_pairs)]
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.status = 0
+        self.errors = 0
+        self.since = time.time()
+
+    # --- connection loop -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serves requests until the frontend disconnects; always releases everything."""
+        try:
+            while True:
+                msg = await self.conn.recv_message()
+                if msg is None:
+                    self.log.info("frontend disconnected")
+                    return
+                header, payload, fds = msg
+                self.log.debug("request %d flags %#x size %d fds %d", header.request, header.flags, header.size, len(fds))
+                reply = await dispatch(self, header, payload, fds)
+                if reply is not None:
+                    await self.conn.send(reply)
+        except ProtocolError as exc:
+            self.errors += 1
+            self.log.warning("closing connection: %s", exc)
+        except (ConnectionError, OSError) as exc:
+            self.log.info("frontend connection lost: %s", exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.device.reset(self.vrings)
+        self.conn.close()
+
+    # --- helpers for dispatch --------------------------------------------------
+
+    def protocol_acked(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & bit(feature))
+
+    def count_error(self) -> None:
+        self.errors += 1
+
+    def check_vring_index(self, body) -> None:
+        if isinstance(body, VringFile) and body.raw & _VRING_FILE_RESERVED:
+            raise RequestError(f"vring file payload {body.raw:#x} has reserved bits set")
+        validate_vring_index(body.index, self.device.queue_pairs)
+
+    def _apply(self, vring: Vring, base: int | None = None) -> None:
+        self.device.apply(vring, self.vrings, base)
+
+    def describe(self) -> dict:
+        return {
+            "peer": self.peer,
+            "since": self.since,
+            "features": self.features,
+            "feature_names": feature_names(self.features),
+            "protocol_features": self.protocol_features,
+            "protocol_feature_names": [
+                f.name for f in ProtocolFeature if self.protocol_features >> f & 1
+            ],
+            "memory_regions": len(self.device.mem),
+            "memory_bytes": self.device.mem.total_size,
+            "vrings": [v.describe() for v in self.vrings],
+            "queue_pairs_enabled": sum(
+                1 for i in range(self.device.queue_pairs) if self.vrings[2 * i].enabled and self.vrings[2 * i + 1].enabled
+            ),
+            "request_errors": self.errors,
+        }
+
+    # --- features ----------------------------------------------------------------
+
+    async def get_features(self, _body, _fds) -> bytes:
+        return pack_u64(self.device.features)
+
+    async def set_features(self, features: int, _fds) -> None:
+        extra = features & ~self.device.features
+        if extra:
+            raise RequestError(f"features {extra:#x} were not offered (offered {self.device.features:#x})")
+        self.features = features
+        self.device.set_features(features)
+        self.log.info("features: %s", " ".join(feature_names(features)) or "none")
+        if not features & bit(F_PROTOCOL_FEATURES):
+            # Spec: without PROTOCOL_FEATURES rings are enabled from the start.
+            for v in self.vrings:
+                if not v.enabled:
+                    v.enabled = True
+                    self._apply(v)
+
+    async def get_protocol_features(self, _body, _fds) -> bytes:
+        return pack_u64(self.device.protocol_features)
+
+    async def set_protocol_features(self, features: int, _fds) -> None:
+        extra = features & ~self.device.protocol_features
+        if extra:
+            raise RequestError(f"protocol features {extra:#x} were not offered")
+        self.protocol_features = features
+
+    async def get_queue_num(self, _body, _fds) -> bytes:
+        return pack_u64(self.device.queue_pairs)
+
+    async def set_owner(self, _body, _fds) -> None:
+        self.owner = True
+
+    async def reset_owner(self, _body, _fds) -> None:
+        """Deprecated RESET_OWNER: back to the state of a fresh connection."""
+        self.device.reset(self.vrings)
+        self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
+        self.features = 0
+        self.owner = False
+        self.log.info("device reset by frontend")
+
+    async def set_status(self, status: int, _fds) -> None:
+        if status > 0xFF:
+            raise RequestError(f"device status {status:#x} does not fit in 8 bits")
+        self.status = status
+
+    async def get_status(self, _body, _fds) -> bytes:
+        return pack_u64(self.status)
+
+    # --- memory ------------------------------------------------------------------
+
+    async def set_mem_table(self, regions: list[MemRegion], fds: list[OwnedFd]) -> None:
+        if len(fds) != len(regions):
+            close_all(fds)
+            raise RequestError(f"{len(regions)} memory regions but {len(fds)} fds")
+        mapped = self.device.mem.prepare(regions, fds)
+        self.device.install_memory(mapped, self.vrings)
+        self.log.info(
+            "memory table: %d regions, %d MiB", len(regions), sum(r.size for r in regions) >> 20
+        )
+        for v in self.vrings:
+            if v.configured and not v.mapped:
+                self.log.warning("vring %d: rings are not inside the new memory table", v.index)
+
+    # --- vrings ------------------------------------------------------------------
+
+    async def set_vring_num(self, state: VringState, _fds) -> None:
+        num = state.num
+        if num == 0 or num > 32768 or num & (num - 1):
+            raise RequestError(f"vring {state.index} size {num:#x} invalid (power of 2, 1..0x8000)")
+        v = self.vrings[state.index]
+        v.num = num
+        self._apply(v)
+
+    async def set_vring_addr(self, addr: VringAddr, _fds) -> None:
+        if addr.flags & ~VringAddr.F_LOG:
+            raise RequestError(f"vring {addr.index} address flags {addr.flags:#x} unknown")
+        v = self.vrings[addr.index]
+        v.addr = addr
+        self._apply(v)
+        if len(self.device.mem) and v.num and not v.mapped:
+            raise RequestError(
+                f"vring {addr.index}: desc {addr.desc:#x} avail {addr.avail:#x} used {addr.used:#x} "
+                "not inside guest memory"
+            )
+
+    async def set_vring_base(self, state: VringState, _fds) -> None:
+        if state.num > 0xFFFF:
+            raise RequestError(f"vring {state.index} base {state.num:#x} out of range for a split ring")
+        v = self.vrings[state.index]
+        v.base = state.num
+        self._apply(v, base=state.num)
+
+    async def get_vring_base(self, state: VringState, _fds) -> bytes:
+        v = self.vrings[state.index]
+        base = self.device.stop_vring(v)
+        self.log.debug("vring %d stopped at %#x", v.index, base)
+        return VringState(state.index, base).pack()
+
+    async def _set_fd(self, body: VringFile, fds: list[OwnedFd], attr: str) -> None:
+        if body.nofd:
+            if fds:
+                close_all(fds)
+                raise RequestError(f"vring {body.index} {attr}: fd attached with the no-fd flag")
+            new = None
+        elif len(fds) != 1:
+            raise RequestError(f"vring {body.index} {attr}: no fd attached")
+        else:
+            new = fds[0]
+        v = self.vrings[body.index]
+        old = v.replace_fd(attr, new)
+        if attr == "kick":
+            v.started = new is not None
+        self._apply(v)  # C stops watching the old fd first ...
+        if old is not None:
+            old.close()  # ... then it is closed
+
+    async def set_vring_kick(self, body: VringFile, fds: list[OwnedFd]) -> None:
+        if body.nofd:
+            close_all(fds)
+            raise RequestError(f"vring {body.index}: polling mode (no kick fd) is not supported")
+        await self._set_fd(body, fds, "kick")
+
+    async def set_vring_call(self, body: VringFile, fds: list[OwnedFd]) -> None:
+        await self._set_fd(body, fds, "call")
+
+    async def set_vring_err(self, body: VringFile, fds: list[OwnedFd]) -> None:
+        await self._set_fd(body, fds, "err")
+
+    async def set_vring_enable(self, state: VringState, _fds) -> None:
+        if state.num not in (0, 1):
+            raise RequestError(f"vring {state.index} enable value {state.num:#x} (0 or 1)")
+        v = self.vrings[state.index]
+        v.enabled = bool(state.num)
+        self._apply(v)

@@ -9,9 +9,10 @@
  *  - Python owns every fd (kick, call, err, TAP) and every mapping; C only uses
  *    the numbers and addresses it is handed.
  *  - A struct vr_qp is one queue pair (RX vq 2n, TX vq 2n+1) served by one worker
- *    thread. Every vr_qp_set_* / vr_qp_*_base call and every change to the
- *    struct vr_mem a qp points at happens between vr_qp_pause() and vr_qp_resume()
- *    (or before vr_qp_start()); the worker never reads configuration otherwise.
+ *    thread. Every vr_qp_set_* / vr_qp_*_base / vr_qp_map / vr_qp_reset_vq call
+ *    and every change to the struct vr_mem a qp points at happens between
+ *    vr_qp_pause() and vr_qp_resume() (the calls return -EBUSY otherwise); the
+ *    worker never reads configuration outside its own loop.
  *  - Functions return >= 0 on success or -errno; vhostd/native.py turns that into
  *    exceptions.
  */
@@ -130,7 +131,8 @@ int vr_qp_resume(struct vr_qp *qp);
 /* Negotiated virtio features (VR_F_* bits) and the vnet header length (10 or 12). */
 int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_len);
 
-/* Ring configuration for vq `which` (VR_RX / VR_TX). Paused only. */
+/* Ring configuration for vq `which` (VR_RX / VR_TX). Paused only. set_num and
+ * set_addr drop the current ring mapping: call vr_qp_map afterwards. */
 int vr_qp_set_num(struct vr_qp *qp, int which, uint32_t num);           /* -EINVAL: 0, > max, not 2^n */
 int vr_qp_set_addr(struct vr_qp *qp, int which, uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva);
 int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base);         /* split: last_avail = used = base */

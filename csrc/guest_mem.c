@@ -1,0 +1,71 @@
+/*
+ * guest_mem.c — guest memory: mapping helpers, region-table validation and the
+ * exported copy of the one translation function (vr_xlate in vr_internal.h).
+ *
+ * vhost-user spec, SET_MEM_TABLE / ADD_MEM_REG: each region is described by its
+ * guest physical address, the frontend's virtual address (used by SET_VRING_ADDR)
+ * and a size; we map the fd and record our own address (hva). The control plane
+ * owns the mappings; the datapath only translates through the table.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <sys/mman.h>
+
+#include "vr_internal.h"
+
+int vr_mmap(int fd, uint64_t len, uint64_t *addr)
+{
+    void *p;
+
+    if (!addr || fd < 0 || len == 0 || len > (uint64_t)SIZE_MAX)
+        return -EINVAL;
+    p = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    *addr = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+int vr_munmap(uint64_t addr, uint64_t len)
+{
+    if (addr == 0 || len == 0 || len > (uint64_t)SIZE_MAX)
+        return -EINVAL;
+    if (munmap((void *)(uintptr_t)addr, (size_t)len) < 0)
+        return -errno;
+    return 0;
+}
+
+void *vr_translate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t *len)
+{
+    if (!mem || !len || (space != VR_SPACE_GPA && space != VR_SPACE_UVA))
+        return NULL;
+    return vr_xlate(mem, space, addr, len);
+}
+
+/* True if base + size - 1 does not wrap (size > 0). */
+static inline bool vr_range_ok(uint64_t base, uint64_t size)
+{
+    return size && base + (size - 1) >= base;
+}
+
+int vr_mem_validate(const struct vr_mem *mem)
+{
+    if (!mem || mem->nregions > VR_MAX_REGIONS)
+        return -EINVAL;
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        const struct vr_region *r = &mem->regions[i];
+
+        if (!vr_range_ok(r->gpa, r->size) || !vr_range_ok(r->uva, r->size) ||
+            !vr_range_ok(r->hva, r->size) || r->hva == 0)
+            return -EINVAL;
+        for (uint32_t j = 0; j < i; j++) {
+            const struct vr_region *o = &mem->regions[j];
+            /* Inclusive ends cannot overflow (checked above for both). */
+            uint64_t r_end = r->gpa + (r->size - 1), o_end = o->gpa + (o->size - 1);
+
+            if (r->gpa <= o_end && o->gpa <= r_end)
+                return -EINVAL;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,203 @@
+/*
+ * net_tx.c — guest -> TAP (the TX virtqueue of a queue pair), virtio 1.1 §5.1.6.2.
+ *
+ * Each chain is [virtio_net_hdr][frame], readable descriptors only. The header is
+ * copied into a local (it may be split over descriptors and the guest may change
+ * it while we look), validated against the negotiated offloads, sanitized, and
+ * handed to the TAP as iov[0]; the frame bytes go from guest memory straight into
+ * writev() (zero copy in userspace). Its layout equals the TAP's vnet header once
+ * TUNSETVNETHDRSZ matches vnet_hdr_len (10, or 12 with VERSION_1/MRG_RXBUF).
+ *
+ * A chain is always returned used (len 0: the device wrote nothing), whether it
+ * was sent or dropped. Bursts are bounded (VR_BURST) so RX is never starved.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "vr_internal.h"
+
+#define VNET_HDR_F_NEEDS_CSUM 1
+#define VNET_HDR_GSO_NONE 0
+#define VNET_HDR_GSO_TCPV4 1
+#define VNET_HDR_GSO_UDP 3
+#define VNET_HDR_GSO_TCPV6 4
+#define VNET_HDR_GSO_ECN 0x80
+
+#define ETH_HLEN 14
+#define VR_TX_MAX_FRAME (65535u + 14u + 4u)
+
+struct vr_vnet_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;               /* only in the 12-byte form */
+};
+_Static_assert(sizeof(struct vr_vnet_hdr) == 12, "vnet header layout");
+
+/* Copies the first `len` bytes described by iov into dst. */
+static void vr_iov_copy_out(void *dst, const struct iovec *iov, unsigned niov, size_t len)
+{
+    uint8_t *d = dst;
+
+    for (unsigned k = 0; k < niov && len; k++) {
+        size_t n = iov[k].iov_len < len ? iov[k].iov_len : len;
+
+        memcpy(d, iov[k].iov_base, n);
+        d += n;
+        len -= n;
+    }
+}
+
+/* Validates and sanitizes the local header copy for a frame of `frame_len` bytes. */
+static bool vr_tx_hdr_ok(const struct vr_qp *qp, struct vr_vnet_hdr *h, uint32_t frame_len)
+{
+    uint8_t gso = h->gso_type & (uint8_t)~VNET_HDR_GSO_ECN;
+
+    if (h->flags & ~VNET_HDR_F_NEEDS_CSUM)      /* DATA_VALID / RSC_INFO are RX-only */
+        return false;
+    if (h->flags & VNET_HDR_F_NEEDS_CSUM) {
+        if (!vr_has_feature(qp, VR_F_CSUM))
+            return false;
+        if ((uint32_t)h->csum_start + h->csum_offset + 2u > frame_len)
+            return false;
+    } else {
+        h->csum_start = 0;
+        h->csum_offset = 0;
+    }
+
+    switch (gso) {
+    case VNET_HDR_GSO_NONE:
+        if (h->gso_type & VNET_HDR_GSO_ECN)
+            return false;
+        h->gso_size = 0;
+        h->hdr_len = 0;
+        break;
+    case VNET_HDR_GSO_TCPV4:
+        if (!vr_has_feature(qp, VR_F_HOST_TSO4))
+            return false;
+        goto gso_common;
+    case VNET_HDR_GSO_TCPV6:
+        if (!vr_has_feature(qp, VR_F_HOST_TSO6))
+            return false;
+        goto gso_common;
+    case VNET_HDR_GSO_UDP:
+        if (!vr_has_feature(qp, VR_F_HOST_UFO))
+            return false;
+    gso_common:
+        if ((h->gso_type & VNET_HDR_GSO_ECN) && !vr_has_feature(qp, VR_F_HOST_ECN))
+            return false;
+        if (h->gso_size == 0 || h->hdr_len > frame_len)
+            return false;
+        break;
+    default:
+        return false;
+    }
+    h->num_buffers = 0;                 /* TX: must be 0; the TAP ignores it anyway */
+    return true;
+}
+
+/*
+ * Sends one popped chain (guest iovecs at iov[1..], iov[0] free for the header).
+ * Returns nothing: every outcome is counted and the chain is returned used.
+ */
+static void vr_tx_one(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
+                      const struct vr_chain *c)
+{
+    const uint32_t hl = qp->vnet_hdr_len;
+    struct iovec *g = iov + 1;          /* guest iovecs */
+    struct vr_vnet_hdr hdr = { 0 };
+    unsigned first = 0;
+    size_t skip = hl;
+    uint32_t frame_len;
+    ssize_t n;
+
+    if (!vq->enabled) {
+        vq->stats.drop_disabled++;
+        goto done;
+    }
+    if (c->out_len < hl + ETH_HLEN || c->out_len > hl + VR_TX_MAX_FRAME) {
+        vq->stats.drop_bad_hdr++;
+        goto done;
+    }
+    frame_len = (uint32_t)(c->out_len - hl);
+
+    /* The single read of the guest's header. */
+    vr_iov_copy_out(&hdr, g, c->niov, hl);
+    if (!vr_tx_hdr_ok(qp, &hdr, frame_len)) {
+        vq->stats.drop_bad_hdr++;
+        goto done;
+    }
+
+    /* Skip the header bytes in the guest iovecs; iov[first] becomes the local header. */
+    while (skip) {
+        if (g[first].iov_len <= skip) {
+            skip -= g[first].iov_len;
+            first++;
+        } else {
+            g[first].iov_base = (uint8_t *)g[first].iov_base + skip;
+            g[first].iov_len -= skip;
+            skip = 0;
+        }
+    }
+    iov[first].iov_base = &hdr;
+    iov[first].iov_len = hl;
+
+    n = writev(qp->tap_fd, &iov[first], (int)(c->niov + 1 - first));
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
+            vq->stats.drop_tap_busy++;
+        else
+            vq->stats.drop_tap_error++;
+    } else {
+        vq->stats.packets++;
+        vq->stats.bytes += frame_len;
+    }
+done:
+    vr_vq_push(vq, c->head, 0);
+}
+
+bool vr_tx_process(struct vr_qp *qp)
+{
+    struct vr_vq *vq = &qp->vq[VR_TX];
+    struct vr_chain c;
+    unsigned n = 0;
+    bool more = false;
+
+    if (!vr_vq_ready(vq))
+        return false;
+    vr_vq_disable_notify(qp, vq);
+    for (;;) {
+        int r;
+
+        if (n == VR_BURST) {
+            more = true;
+            break;
+        }
+        r = vr_vq_pop(qp, vq, qp->tx_iov + 1, VR_MAX_IOV - 1, &c);
+        if (r < 0)
+            break;                      /* broken: counted, vq no longer serviced */
+        if (r == 0) {
+            if (vr_vq_enable_notify(qp, vq)) {
+                vr_vq_disable_notify(qp, vq);
+                continue;
+            }
+            break;
+        }
+        if (c.nout != c.niov) {
+            /* Writable descriptors on TX: a malformed chain. Left unconsumed,
+             * like every other malformed chain. */
+            vr_vq_unpop(vq);
+            vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);
+            break;
+        }
+        n++;
+        vr_tx_one(qp, vq, qp->tx_iov, &c);
+    }
+    vr_vq_flush(qp, vq);
+    vr_hist_add(&vq->stats, n);
+    return more;
+}

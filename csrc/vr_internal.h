@@ -1,0 +1,274 @@
+/*
+ * vr_internal.h — private to the C datapath (never read by cffi).
+ *
+ * Owns: the one guest-address translation function (vr_xlate), the named memory
+ * barriers, guest-shared access helpers, the split-ring layout (virtio 1.1 §2.6),
+ * and the queue-pair / virtqueue structures shared by vring_split.c, net_tx.c,
+ * net_rx.c and worker.c.
+ *
+ * Byte order: the guest is assumed little-endian, which is what VERSION_1 requires
+ * and what legacy x86/arm64 guests are. Ring and vnet-header fields are used as
+ * native integers; the static assert below keeps a big-endian build from silently
+ * misreading them.
+ */
+#ifndef VR_INTERNAL_H
+#define VR_INTERNAL_H
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include "vhostd.h"
+
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+               "vhostd datapath assumes a little-endian host (virtio 1.x rings are LE)");
+
+/* ---------------------------------------------------------------- barriers */
+
+/* After reading avail->idx, before reading avail->ring[] and descriptors (load->load). */
+#define vr_acquire_after_avail_idx() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+/* After writing used->ring[] entries, before publishing used->idx (store->store). */
+#define vr_release_before_used_idx() __atomic_thread_fence(__ATOMIC_RELEASE)
+/*
+ * Between a store the guest must see (used->flags / avail_event / used->idx) and a
+ * load of something the guest writes (avail->idx / avail->flags / used_event):
+ * store->load ordering needs a full fence (virtio 1.1 §2.6.7.1, §2.6.10).
+ */
+#define vr_full_fence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+/* Guest-shared scalars: one access, never re-read or torn by the compiler. */
+static inline uint16_t vr_ld16(const volatile uint16_t *p)
+{
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline void vr_st16(volatile uint16_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
+}
+
+/* ---------------------------------------------------------- split ring layout */
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_USED_F_NO_NOTIFY 1
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];            /* [num], then used_event */
+};
+
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[];  /* [num], then avail_event (u16) */
+};
+
+_Static_assert(sizeof(struct vring_desc) == 16, "desc layout");
+_Static_assert(sizeof(struct vring_used_elem) == 8, "used elem layout");
+
+/* Byte sizes the rings occupy with EVENT_IDX fields included (§2.6). */
+static inline uint64_t vr_desc_bytes(uint32_t num) { return 16ull * num; }
+static inline uint64_t vr_avail_bytes(uint32_t num) { return 6ull + 2ull * num; }
+static inline uint64_t vr_used_bytes(uint32_t num) { return 6ull + 8ull * num; }
+
+/* virtio 1.1 §2.6.7.2: u16 wrap-around arithmetic, as in Linux's vring_need_event(). */
+static inline bool vr_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* ---------------------------------------------------------------- translation */
+
+/*
+ * THE translation function: every guest address the datapath touches goes through
+ * here. Returns the host pointer for `addr` in `space` and clamps *len to the bytes
+ * contiguous in that region, or NULL if `addr` is in no region. Never computes
+ * addr + len, so no input can overflow; zero-sized regions never match.
+ */
+static inline void *vr_xlate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t *len)
+{
+    uint32_t n = mem->nregions;
+
+    if (n > VR_MAX_REGIONS)
+        n = VR_MAX_REGIONS;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct vr_region *r = &mem->regions[i];
+        uint64_t base = space == VR_SPACE_UVA ? r->uva : r->gpa;
+        uint64_t off;
+
+        if (addr < base)
+            continue;
+        off = addr - base;
+        if (off >= r->size)         /* also rejects size == 0 */
+            continue;
+        if (*len > r->size - off)
+            *len = r->size - off;
+        return (void *)(uintptr_t)(r->hva + off);
+    }
+    return NULL;
+}
+
+/*
+ * Appends the guest range [addr, addr+len) to iov[*niov..max), one iovec per
+ * region it crosses. 0, -EFAULT (some byte unmapped or the range wraps), or
+ * -ENOBUFS (more than `max` iovecs).
+ */
+static inline int vr_gather(const struct vr_mem *mem, uint64_t addr, uint64_t len,
+                            struct iovec *iov, unsigned *niov, unsigned max)
+{
+    while (len) {
+        uint64_t l = len;
+        void *p = vr_xlate(mem, VR_SPACE_GPA, addr, &l);
+
+        if (!p || l == 0)
+            return -EFAULT;
+        if (*niov >= max)
+            return -ENOBUFS;
+        iov[*niov].iov_base = p;
+        iov[*niov].iov_len = (size_t)l;
+        (*niov)++;
+        len -= l;
+        if (len && addr + l < addr)
+            return -EFAULT;
+        addr += l;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- queue state */
+
+struct vr_qp;
+
+struct vr_vq {
+    /* configuration: written by the control plane only while the worker is parked */
+    uint32_t num;                       /* 0: not set; else a power of two */
+    bool addr_set;
+    uint64_t desc_uva, avail_uva, used_uva;
+    int kick_fd, call_fd, err_fd;
+    bool started, enabled;
+
+    /* rings as mapped by vr_qp_map() (host pointers into guest memory) */
+    bool mapped;
+    volatile struct vring_desc *desc;
+    volatile struct vring_avail *avail;
+    volatile struct vring_used *used;
+
+    /* device-side ring state (worker-owned while running) */
+    uint16_t last_avail_idx;            /* next avail slot to consume */
+    uint16_t used_idx;                  /* next used slot to fill (shadow of used->idx) */
+    uint16_t published_used_idx;        /* last value stored to used->idx */
+    uint16_t signalled_used;            /* used idx at the last call decision (EVENT_IDX) */
+    bool signalled_valid;
+
+    struct vr_vq_stats stats;
+};
+
+/* One popped chain: readable iovecs iov[0..nout), writable iov[nout..niov). */
+struct vr_chain {
+    uint16_t head;
+    unsigned niov;
+    unsigned nout;
+    uint64_t out_len;
+    uint64_t in_len;
+};
+
+#define VR_BURST 128                    /* chains per burst before publish + call */
+
+/* epoll tags (epoll_event.data.u32) */
+#define VR_EV_CTRL 0
+#define VR_EV_KICK_RX 1
+#define VR_EV_KICK_TX 2
+#define VR_EV_TAP 3
+
+struct vr_qp {
+    struct vr_mem *mem;
+    int tap_fd;
+    bool tap_is_socket;                 /* test stand-in: recvmsg() reports MSG_TRUNC */
+    uint64_t features;
+    uint32_t vnet_hdr_len;
+    struct vr_vq vq[2];
+
+    int epfd, ctrl_fd, event_fd;
+    int kick_watched[2];                /* fd registered in epoll per vq, or -1 */
+    bool tap_watched;
+    bool tap_dead;                      /* TAP reported HUP/ERR or EOF: unwatched until resume */
+
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    unsigned pause_req;                 /* nested pause count (under lock) */
+    bool parked;                        /* worker is parked (under lock) */
+    bool stop;                          /* under lock */
+
+    /* per-qp scratch: no allocation per packet */
+    struct iovec tx_iov[VR_MAX_IOV];
+    struct iovec rx_iov[VR_MAX_IOV];
+};
+
+static inline bool vr_has_feature(const struct vr_qp *qp, unsigned bit)
+{
+    return (qp->features >> bit) & 1;
+}
+
+/* A vq the worker may service: configured, mapped, started, not broken. */
+static inline bool vr_vq_ready(const struct vr_vq *vq)
+{
+    return vq->num && vq->mapped && vq->started && !vq->stats.broken;
+}
+
+static inline void vr_hist_add(struct vr_vq_stats *s, unsigned n)
+{
+    unsigned b = 0;
+
+    if (!n)
+        return;
+    while (b < 7 && (n >> (b + 1)))
+        b++;
+    s->batch_hist[b]++;
+}
+
+/* vring_split.c */
+int vr_vq_map_rings(const struct vr_mem *mem, struct vr_vq *vq);
+int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
+              struct vr_chain *c);
+void vr_vq_unpop(struct vr_vq *vq);
+void vr_vq_push(struct vr_vq *vq, uint16_t head, uint32_t len);
+void vr_vq_flush(struct vr_qp *qp, struct vr_vq *vq);
+void vr_vq_disable_notify(struct vr_qp *qp, struct vr_vq *vq);
+bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq);
+void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail);
+void vr_vq_reset_state(struct vr_vq *vq, uint16_t base);
+
+/* net_tx.c: true if the burst limit stopped it (more work may be pending). */
+bool vr_tx_process(struct vr_qp *qp);
+
+/* net_rx.c */
+enum vr_rx_state {
+    VR_RX_OFF,          /* ring not ready/enabled: do not read the TAP */
+    VR_RX_MORE,         /* burst limit hit: come back soon */
+    VR_RX_TAP_EMPTY,    /* TAP drained, guest buffers left: wait for the TAP */
+    VR_RX_RING_EMPTY,   /* no guest buffers: notifications enabled, wait for a kick */
+    VR_RX_TAP_DEAD,     /* TAP hung up: stop watching it until resume */
+};
+enum vr_rx_state vr_rx_process(struct vr_qp *qp);
+
+#endif /* VR_INTERNAL_H */

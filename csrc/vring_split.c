@@ -1,0 +1,274 @@
+/*
+ * vring_split.c — device side of the split virtqueue (virtio 1.1 §2.6).
+ *
+ * Owns: mapping the three ring parts, popping an available chain into iovecs
+ * (direct and indirect descriptors, §2.6.5), returning used elements (§2.6.8),
+ * and notification suppression in both directions (§2.6.7, §2.6.10, EVENT_IDX).
+ *
+ * Everything here runs on the worker thread except vr_vq_map_rings() and
+ * vr_vq_reset_state(), which the control plane calls while the worker is parked.
+ * The guest is hostile: every index is bounds-checked, every walk is bounded by
+ * the queue (or indirect table) size, every guest-shared field is read once into a
+ * local, every address goes through vr_xlate(). A violation marks the vq broken;
+ * the worker then stops servicing it until vr_qp_reset_vq().
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#include "vr_internal.h"
+
+static void vr_efd_signal(int fd)
+{
+    uint64_t one = 1;
+
+    if (fd >= 0) {
+        ssize_t r = write(fd, &one, sizeof(one));
+        (void)r;    /* EAGAIN: the counter is already nonzero, the reader will wake */
+    }
+}
+
+/* Host pointer for a ring part that must lie in one region, aligned as §2.6 requires. */
+static void *vr_map_part(const struct vr_mem *mem, uint64_t uva, uint64_t size, uintptr_t align)
+{
+    uint64_t l = size;
+    void *p = vr_xlate(mem, VR_SPACE_UVA, uva, &l);
+
+    if (!p || l < size || ((uintptr_t)p & (align - 1)))
+        return NULL;
+    return p;
+}
+
+int vr_vq_map_rings(const struct vr_mem *mem, struct vr_vq *vq)
+{
+    void *d, *a, *u;
+
+    vq->mapped = false;
+    vq->desc = NULL;
+    vq->avail = NULL;
+    vq->used = NULL;
+    if (!vq->addr_set || !vq->num)
+        return 0;                       /* nothing to map yet: not an error */
+    d = vr_map_part(mem, vq->desc_uva, vr_desc_bytes(vq->num), 16);
+    a = vr_map_part(mem, vq->avail_uva, vr_avail_bytes(vq->num), 2);
+    u = vr_map_part(mem, vq->used_uva, vr_used_bytes(vq->num), 4);
+    if (!d || !a || !u)
+        return -EFAULT;
+    vq->desc = d;
+    vq->avail = a;
+    vq->used = u;
+    vq->mapped = true;
+    return 0;
+}
+
+void vr_vq_reset_state(struct vr_vq *vq, uint16_t base)
+{
+    vq->last_avail_idx = base;
+    vq->used_idx = base;
+    vq->published_used_idx = base;
+    vq->signalled_used = base;
+    vq->signalled_valid = false;
+}
+
+void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail)
+{
+    if (vq->stats.broken)
+        return;
+    vq->stats.broken_detail = detail;
+    vq->stats.drop_bad_desc++;
+    /* Plain store; the control plane reads it racily after the event fd wakes it. */
+    __atomic_store_n(&vq->stats.broken, why, __ATOMIC_RELEASE);
+    vr_efd_signal(vq->err_fd);
+    vr_efd_signal(qp->event_fd);
+}
+
+/* Reads one descriptor into a local: each field exactly once (hardening item 4). */
+static inline struct vring_desc vr_read_desc(const volatile struct vring_desc *p)
+{
+    struct vring_desc d;
+
+    d.addr = p->addr;
+    d.len = p->len;
+    d.flags = p->flags;
+    d.next = p->next;
+    return d;
+}
+
+/*
+ * Pops the next available chain. Returns 1 with *c and iov filled, 0 if the ring
+ * is empty, -1 if the ring or chain is malformed (the vq is now broken and the
+ * chain was not consumed). `max_iov` bounds the iovecs (VR_MAX_IOV at most).
+ */
+int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
+              struct vr_chain *c)
+{
+    const uint16_t num = (uint16_t)vq->num;     /* <= 32768, power of two */
+    const uint32_t qsize = vq->num;
+    uint16_t avail_idx, head, i;
+    const volatile struct vring_desc *table = vq->desc;
+    uint32_t table_size = qsize, budget = qsize, why = VR_BROKEN_DESC;
+    bool indirect = false, writable = false;
+    int r;
+
+    avail_idx = vr_ld16(&vq->avail->idx);
+    if (avail_idx == vq->last_avail_idx)
+        return 0;
+    if ((uint16_t)(avail_idx - vq->last_avail_idx) > qsize) {
+        vr_vq_set_broken(qp, vq, VR_BROKEN_AVAIL_IDX, avail_idx);
+        return -1;
+    }
+    /* acquire: the ring entry and descriptors were written before avail->idx. */
+    vr_acquire_after_avail_idx();
+    head = vr_ld16(&vq->avail->ring[vq->last_avail_idx & (num - 1)]);
+    if (head >= qsize) {
+        vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, head);
+        return -1;
+    }
+
+    c->head = head;
+    c->niov = c->nout = 0;
+    c->out_len = c->in_len = 0;
+    i = head;
+    for (;;) {
+        struct vring_desc d;
+
+        if (budget-- == 0) {            /* chain longer than its table: a loop */
+            why = indirect ? VR_BROKEN_INDIRECT : VR_BROKEN_DESC;
+            goto bad;
+        }
+        d = vr_read_desc(&table[i]);
+
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            uint64_t l = d.len;
+            void *p;
+
+            if (!vr_has_feature(qp, VR_F_INDIRECT_DESC)) {
+                why = VR_BROKEN_DESC;
+                goto bad;
+            }
+            why = VR_BROKEN_INDIRECT;
+            if (indirect || (d.flags & VRING_DESC_F_NEXT) || d.len == 0 || (d.len % 16) ||
+                d.len / 16 > qsize)
+                goto bad;
+            p = vr_xlate(qp->mem, VR_SPACE_GPA, d.addr, &l);
+            if (!p) {
+                why = VR_BROKEN_ADDR;
+                goto bad;
+            }
+            if (l < d.len)              /* table must be contiguous in one region */
+                goto bad;
+            table = p;
+            table_size = budget = d.len / 16;
+            indirect = true;
+            i = 0;
+            continue;
+        }
+
+        if (d.flags & VRING_DESC_F_WRITE) {
+            writable = true;
+            c->in_len += d.len;
+        } else {
+            if (writable)               /* readable after writable: §2.6.4.2 */
+                goto bad;
+            c->out_len += d.len;
+        }
+        r = vr_gather(qp->mem, d.addr, d.len, iov, &c->niov, max_iov);
+        if (r) {
+            why = r == -EFAULT ? VR_BROKEN_ADDR : VR_BROKEN_DESC;
+            goto bad;
+        }
+        if (!writable)
+            c->nout = c->niov;
+
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            break;
+        if (d.next >= table_size) {
+            why = indirect ? VR_BROKEN_INDIRECT : VR_BROKEN_DESC;
+            goto bad;
+        }
+        i = d.next;
+    }
+    vq->last_avail_idx++;
+    return 1;
+
+bad:
+    vr_vq_set_broken(qp, vq, why, head);
+    return -1;
+}
+
+/* Gives the chain just popped back to the ring (it will be popped again). */
+void vr_vq_unpop(struct vr_vq *vq)
+{
+    vq->last_avail_idx--;
+}
+
+void vr_vq_push(struct vr_vq *vq, uint16_t head, uint32_t len)
+{
+    volatile struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (vq->num - 1)];
+
+    e->id = head;
+    e->len = len;
+    vq->used_idx++;
+}
+
+/*
+ * Publishes the used elements pushed since the last flush and calls the guest
+ * unless it suppressed the interrupt. One call eventfd write per burst at most.
+ */
+void vr_vq_flush(struct vr_qp *qp, struct vr_vq *vq)
+{
+    uint16_t new_idx = vq->used_idx;
+    bool need;
+
+    if (new_idx == vq->published_used_idx)
+        return;
+    /* release: used->ring[] entries become visible before the idx that covers them. */
+    vr_release_before_used_idx();
+    vr_st16(&vq->used->idx, new_idx);
+    vq->published_used_idx = new_idx;
+    /* seq_cst: our used->idx store must be ordered before reading used_event/flags. */
+    vr_full_fence();
+
+    if (vr_has_feature(qp, VR_F_EVENT_IDX)) {
+        uint16_t event = vr_ld16(&vq->avail->ring[vq->num]);    /* used_event */
+        uint16_t old = vq->signalled_used;
+        bool valid = vq->signalled_valid;
+
+        vq->signalled_used = new_idx;
+        vq->signalled_valid = true;
+        need = !valid || vr_need_event(event, new_idx, old);
+    } else {
+        need = !(vr_ld16(&vq->avail->flags) & VRING_AVAIL_F_NO_INTERRUPT);
+    }
+
+    if (!need) {
+        vq->stats.calls_suppressed++;
+    } else if (vq->call_fd >= 0) {
+        vr_efd_signal(vq->call_fd);
+        vq->stats.calls++;
+    }
+}
+
+/* Ask the guest not to kick while we are draining (§2.6.10). */
+void vr_vq_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
+{
+    /* With EVENT_IDX a stale avail_event already suppresses kicks; flags must stay 0. */
+    if (!vr_has_feature(qp, VR_F_EVENT_IDX))
+        vr_st16(&vq->used->flags, VRING_USED_F_NO_NOTIFY);
+}
+
+/*
+ * Ask the guest to kick on its next addition, then re-check the ring once: the
+ * guest may have added buffers after our last look but before seeing the
+ * request. True if the ring is not empty after all (caller keeps draining).
+ */
+bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
+{
+    if (vr_has_feature(qp, VR_F_EVENT_IDX))
+        vr_st16((volatile uint16_t *)&vq->used->ring[vq->num], vq->last_avail_idx); /* avail_event */
+    else
+        vr_st16(&vq->used->flags, 0);
+    /* seq_cst: the request must be visible before we re-read avail->idx. */
+    vr_full_fence();
+    return vr_ld16(&vq->avail->idx) != vq->last_avail_idx;
+}

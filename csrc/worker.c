@@ -1,0 +1,428 @@
+/*
+ * worker.c — one queue pair and its worker thread: configuration entry points,
+ * pause/resume, and the epoll loop that drives net_tx.c and net_rx.c.
+ *
+ * Threading contract (vhostd.h): configuration changes happen only while the
+ * control plane holds the worker paused; the worker takes the mutex only when
+ * its control eventfd fires, never on the datapath. epoll is level-triggered:
+ * a kick eventfd is drained when it fires, and the TAP fd is watched only while
+ * RX wants frames (ring ready + enabled + guest buffers available), so nothing
+ * can spin (REFERENCE "Datapath traps").
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "vr_internal.h"
+
+/* ------------------------------------------------------------ epoll set sync */
+
+static void vr_watch_kick(struct vr_qp *qp, int which)
+{
+    struct vr_vq *vq = &qp->vq[which];
+    int want = vr_vq_ready(vq) && vq->kick_fd >= 0 ? vq->kick_fd : -1;
+    struct epoll_event ev = { .events = EPOLLIN };
+
+    if (qp->kick_watched[which] == want)
+        return;
+    if (qp->kick_watched[which] >= 0)
+        epoll_ctl(qp->epfd, EPOLL_CTL_DEL, qp->kick_watched[which], NULL);
+    qp->kick_watched[which] = -1;
+    if (want >= 0) {
+        ev.data.u32 = which == VR_RX ? VR_EV_KICK_RX : VR_EV_KICK_TX;
+        if (epoll_ctl(qp->epfd, EPOLL_CTL_ADD, want, &ev) == 0)
+            qp->kick_watched[which] = want;
+    }
+}
+
+/*
+ * TAP watched or not. Deleting (rather than MOD to no events) also silences
+ * EPOLLHUP/EPOLLERR, which epoll reports even for an empty event mask.
+ */
+static void vr_watch_tap(struct vr_qp *qp, bool want)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.u32 = VR_EV_TAP };
+
+    want = want && qp->tap_fd >= 0 && !qp->tap_dead;
+    if (want == qp->tap_watched)
+        return;
+    if (want)
+        qp->tap_watched = epoll_ctl(qp->epfd, EPOLL_CTL_ADD, qp->tap_fd, &ev) == 0;
+    else {
+        epoll_ctl(qp->epfd, EPOLL_CTL_DEL, qp->tap_fd, NULL);
+        qp->tap_watched = false;
+    }
+}
+
+static bool vr_rx_wants_tap(const struct vr_qp *qp)
+{
+    const struct vr_vq *rx = &qp->vq[VR_RX];
+
+    return vr_vq_ready(rx) && rx->enabled;
+}
+
+/* ------------------------------------------------------------------- worker */
+
+static void vr_drain_kick(struct vr_qp *qp, int which)
+{
+    uint64_t v;
+    int fd = qp->kick_watched[which];
+
+    if (fd >= 0 && read(fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+        qp->vq[which].stats.kicks++;
+}
+
+/* Parks while paused. Returns true if the worker was parked (state may have changed). */
+static bool vr_handle_control(struct vr_qp *qp, bool *stop)
+{
+    uint64_t v;
+    bool was_parked = false;
+    ssize_t r = read(qp->ctrl_fd, &v, sizeof(v));
+
+    (void)r;
+    pthread_mutex_lock(&qp->lock);
+    while (qp->pause_req > 0 && !qp->stop) {
+        if (!qp->parked) {
+            qp->parked = true;
+            pthread_cond_broadcast(&qp->cond);
+        }
+        was_parked = true;
+        pthread_cond_wait(&qp->cond, &qp->lock);
+    }
+    qp->parked = false;
+    *stop = qp->stop;
+    pthread_mutex_unlock(&qp->lock);
+    return was_parked;
+}
+
+static void *vr_worker(void *arg)
+{
+    struct vr_qp *qp = arg;
+    struct epoll_event evs[8];
+    bool tx_more = false, rx_more = false, stop = false;
+
+    while (!stop) {
+        int n = epoll_wait(qp->epfd, evs, 8, (tx_more || rx_more) ? 0 : -1);
+
+        if (n < 0 && errno != EINTR)
+            n = 0;
+        for (int k = 0; k < n; k++) {
+            switch (evs[k].data.u32) {
+            case VR_EV_CTRL:
+                if (vr_handle_control(qp, &stop)) {
+                    /* Config may have changed and kicks may have been lost
+                     * across an fd change: resync, then service both rings.
+                     * A TAP that hung up gets one more chance per resume. */
+                    qp->tap_dead = false;
+                    vr_watch_kick(qp, VR_RX);
+                    vr_watch_kick(qp, VR_TX);
+                    vr_watch_tap(qp, vr_rx_wants_tap(qp));
+                    tx_more = rx_more = true;
+                }
+                break;
+            case VR_EV_KICK_RX:
+                vr_drain_kick(qp, VR_RX);
+                rx_more = true;
+                break;
+            case VR_EV_KICK_TX:
+                vr_drain_kick(qp, VR_TX);
+                tx_more = true;
+                break;
+            case VR_EV_TAP:
+                if (evs[k].events & (EPOLLHUP | EPOLLERR)) {
+                    qp->tap_dead = true;
+                    vr_watch_tap(qp, false);
+                }
+                rx_more = true;
+                break;
+            }
+        }
+        if (stop)
+            break;
+        /* Alternate bounded bursts so neither direction starves the other. */
+        if (tx_more)
+            tx_more = vr_tx_process(qp);
+        if (rx_more) {
+            enum vr_rx_state s = vr_rx_process(qp);
+
+            rx_more = s == VR_RX_MORE;
+            vr_watch_tap(qp, s == VR_RX_MORE || s == VR_RX_TAP_EMPTY);
+        }
+        /* A vq that broke stops being watched. */
+        vr_watch_kick(qp, VR_RX);
+        vr_watch_kick(qp, VR_TX);
+    }
+    return NULL;
+}
+
+/* ----------------------------------------------------------- control plane API */
+
+static bool vr_is_paused(struct vr_qp *qp)
+{
+    bool p;
+
+    pthread_mutex_lock(&qp->lock);
+    p = qp->pause_req > 0 && qp->parked;
+    pthread_mutex_unlock(&qp->lock);
+    return p;
+}
+
+#define VR_CHECK_PAUSED_VQ(qp, which)                                   \
+    do {                                                                \
+        if (!(qp) || ((which) != VR_RX && (which) != VR_TX))            \
+            return -EINVAL;                                             \
+        if (!vr_is_paused(qp))                                          \
+            return -EBUSY;                                              \
+    } while (0)
+
+static void vr_vq_init(struct vr_vq *vq)
+{
+    memset(vq, 0, sizeof(*vq));
+    vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+}
+
+struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
+{
+    struct vr_qp *qp;
+    struct epoll_event ev = { .events = EPOLLIN, .data.u32 = VR_EV_CTRL };
+    struct stat st;
+    sigset_t all, old;
+    int err;
+
+    if (!mem) {
+        errno = EINVAL;
+        return NULL;
+    }
+    qp = calloc(1, sizeof(*qp));
+    if (!qp)
+        return NULL;
+    qp->mem = mem;
+    qp->tap_fd = tap_fd;
+    qp->tap_is_socket = tap_fd >= 0 && fstat(tap_fd, &st) == 0 && S_ISSOCK(st.st_mode);
+    qp->vnet_hdr_len = 12;
+    vr_vq_init(&qp->vq[VR_RX]);
+    vr_vq_init(&qp->vq[VR_TX]);
+    qp->kick_watched[VR_RX] = qp->kick_watched[VR_TX] = -1;
+    qp->epfd = epoll_create1(EPOLL_CLOEXEC);
+    qp->ctrl_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    qp->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (qp->epfd < 0 || qp->ctrl_fd < 0 || qp->event_fd < 0 ||
+        epoll_ctl(qp->epfd, EPOLL_CTL_ADD, qp->ctrl_fd, &ev) < 0) {
+        err = errno;
+        goto fail_fds;
+    }
+    pthread_mutex_init(&qp->lock, NULL);
+    pthread_cond_init(&qp->cond, NULL);
+
+    /* The worker takes no signals: they belong to the Python main thread. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    err = pthread_create(&qp->thread, NULL, vr_worker, qp);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) {
+        pthread_cond_destroy(&qp->cond);
+        pthread_mutex_destroy(&qp->lock);
+        goto fail_fds;
+    }
+    return qp;
+
+fail_fds:
+    if (qp->epfd >= 0)
+        close(qp->epfd);
+    if (qp->ctrl_fd >= 0)
+        close(qp->ctrl_fd);
+    if (qp->event_fd >= 0)
+        close(qp->event_fd);
+    free(qp);
+    errno = err;
+    return NULL;
+}
+
+static void vr_ctrl_signal(struct vr_qp *qp)
+{
+    uint64_t one = 1;
+    ssize_t r = write(qp->ctrl_fd, &one, sizeof(one));
+
+    (void)r;
+}
+
+void vr_qp_free(struct vr_qp *qp)
+{
+    if (!qp)
+        return;
+    pthread_mutex_lock(&qp->lock);
+    qp->stop = true;
+    pthread_cond_broadcast(&qp->cond);
+    pthread_mutex_unlock(&qp->lock);
+    vr_ctrl_signal(qp);
+    pthread_join(qp->thread, NULL);
+    close(qp->epfd);
+    close(qp->ctrl_fd);
+    close(qp->event_fd);
+    pthread_cond_destroy(&qp->cond);
+    pthread_mutex_destroy(&qp->lock);
+    free(qp);
+}
+
+int vr_qp_pause(struct vr_qp *qp)
+{
+    if (!qp)
+        return -EINVAL;
+    pthread_mutex_lock(&qp->lock);
+    if (qp->stop) {
+        pthread_mutex_unlock(&qp->lock);
+        return -ESHUTDOWN;
+    }
+    if (qp->pause_req++ == 0 && !qp->parked)
+        vr_ctrl_signal(qp);
+    while (!qp->parked)
+        pthread_cond_wait(&qp->cond, &qp->lock);
+    pthread_mutex_unlock(&qp->lock);
+    return 0;
+}
+
+int vr_qp_resume(struct vr_qp *qp)
+{
+    int r = 0;
+
+    if (!qp)
+        return -EINVAL;
+    pthread_mutex_lock(&qp->lock);
+    if (qp->pause_req == 0)
+        r = -EINVAL;
+    else if (--qp->pause_req == 0)
+        pthread_cond_broadcast(&qp->cond);
+    pthread_mutex_unlock(&qp->lock);
+    return r;
+}
+
+int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_len)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    if (vnet_hdr_len != 10 && vnet_hdr_len != 12)
+        return -EINVAL;
+    if ((features >> VR_F_RING_PACKED) & 1)
+        return -ENOTSUP;                /* packed rings are not served by this datapath */
+    qp->features = features;
+    qp->vnet_hdr_len = vnet_hdr_len;
+    return 0;
+}
+
+int vr_qp_set_num(struct vr_qp *qp, int which, uint32_t num)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    if (num == 0 || num > VR_MAX_QUEUE_SIZE || (num & (num - 1)))
+        return -EINVAL;
+    qp->vq[which].num = num;
+    qp->vq[which].mapped = false;       /* ring sizes changed: vr_qp_map() again */
+    return 0;
+}
+
+int vr_qp_set_addr(struct vr_qp *qp, int which, uint64_t desc_uva, uint64_t avail_uva,
+                   uint64_t used_uva)
+{
+    struct vr_vq *vq;
+
+    VR_CHECK_PAUSED_VQ(qp, which);
+    vq = &qp->vq[which];
+    vq->desc_uva = desc_uva;
+    vq->avail_uva = avail_uva;
+    vq->used_uva = used_uva;
+    vq->addr_set = true;
+    vq->mapped = false;                 /* vr_qp_map() translates them */
+    return 0;
+}
+
+int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    if (base > 0xffff)
+        return -EINVAL;                 /* split rings: 16-bit indices */
+    vr_vq_reset_state(&qp->vq[which], (uint16_t)base);
+    return 0;
+}
+
+int vr_qp_get_base(struct vr_qp *qp, int which, uint32_t *base)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    if (!base)
+        return -EINVAL;
+    *base = qp->vq[which].last_avail_idx;
+    return 0;
+}
+
+int vr_qp_set_kick(struct vr_qp *qp, int which, int fd)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    /* Stop watching the old fd now: the caller closes it right after we return. */
+    if (qp->kick_watched[which] >= 0) {
+        epoll_ctl(qp->epfd, EPOLL_CTL_DEL, qp->kick_watched[which], NULL);
+        qp->kick_watched[which] = -1;
+    }
+    qp->vq[which].kick_fd = fd < 0 ? -1 : fd;
+    return 0;
+}
+
+int vr_qp_set_call(struct vr_qp *qp, int which, int fd)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    qp->vq[which].call_fd = fd < 0 ? -1 : fd;
+    return 0;
+}
+
+int vr_qp_set_err(struct vr_qp *qp, int which, int fd)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    qp->vq[which].err_fd = fd < 0 ? -1 : fd;
+    return 0;
+}
+
+int vr_qp_set_started(struct vr_qp *qp, int which, int started)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    qp->vq[which].started = started != 0;
+    return 0;
+}
+
+int vr_qp_set_enabled(struct vr_qp *qp, int which, int enabled)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    qp->vq[which].enabled = enabled != 0;
+    return 0;
+}
+
+int vr_qp_map(struct vr_qp *qp)
+{
+    int r, ret = 0;
+
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    for (int w = 0; w < 2; w++) {
+        r = vr_vq_map_rings(qp->mem, &qp->vq[w]);
+        if (r < 0 && ret == 0)
+            ret = r;
+    }
+    return ret;
+}
+
+const struct vr_vq_stats *vr_qp_stats(struct vr_qp *qp, int which)
+{
+    if (!qp || (which != VR_RX && which != VR_TX))
+        return NULL;
+    return &qp->vq[which].stats;
+}
+
+int vr_qp_reset_vq(struct vr_qp *qp, int which)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    memset(&qp->vq[which].stats, 0, sizeof(qp->vq[which].stats));
+    return 0;
+}
+
+int vr_qp_event_fd(struct vr_qp *qp)
+{
+    return qp ? qp->event_fd : -EINVAL;
+}

@@ -154,7 +154,12 @@ int vr_qp_map(struct vr_qp *qp);
 /* Counters of vq `which`; valid for the qp's lifetime. Readable any time. */
 const struct vr_vq_stats *vr_qp_stats(struct vr_qp *qp, int which);
 
-/* Zeroes the counters and the broken state of vq `which`. Paused only. */
+/* 1 if vq `which` has its rings mapped (by the last vr_qp_map), else 0. Paused only. */
+int vr_qp_mapped(struct vr_qp *qp, int which);
+
+/* Back to the state of a new qp for vq `which`: no rings, no fds (the kick fd is
+ * unwatched at once), not started or enabled, counters and broken state zeroed.
+ * Paused only. */
 int vr_qp_reset_vq(struct vr_qp *qp, int which);
 
 /*

@@ -418,8 +418,19 @@ const struct vr_vq_stats *vr_qp_stats(struct vr_qp *qp, int which)
 int vr_qp_reset_vq(struct vr_qp *qp, int which)
 {
     VR_CHECK_PAUSED_VQ(qp, which);
-    memset(&qp->vq[which].stats, 0, sizeof(qp->vq[which].stats));
+    /* Unwatch the kick fd first: the caller closes it once we return. */
+    if (qp->kick_watched[which] >= 0) {
+        epoll_ctl(qp->epfd, EPOLL_CTL_DEL, qp->kick_watched[which], NULL);
+        qp->kick_watched[which] = -1;
+    }
+    vr_vq_init(&qp->vq[which]);
     return 0;
+}
+
+int vr_qp_mapped(struct vr_qp *qp, int which)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    return qp->vq[which].mapped;
 }
 
 int vr_qp_event_fd(struct vr_qp *qp)

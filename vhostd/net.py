@@ -81,8 +81,9 @@ class QueuePair:
         w, what = vring.which, f"vring {vring.index}"
         if vring.num:
             check(lib.vr_qp_set_num(self.ptr, w, vring.num), f"{what} size {vring.num:#x}")
-        addr = vring.addr
-        check(lib.vr_qp_set_addr(self.ptr, w, *(addr.desc, addr.avail, addr.used) if addr else (0, 0, 0)), what)
+        if vring.addr is not None:
+            a = vring.addr
+            check(lib.vr_qp_set_addr(self.ptr, w, a.desc, a.avail, a.used), what)
         for attr, setter in (("kick", lib.vr_qp_set_kick), ("call", lib.vr_qp_set_call), ("err", lib.vr_qp_set_err)):
             f = getattr(vring, attr)
             check(setter(self.ptr, w, f.fd if f is not None else -1), f"{what} {attr} fd")
@@ -160,7 +161,7 @@ class NetDevice:
             self._note_mapped(vrings)
         self.mem.release(old)
 
-    def apply(self, vring: Vring, vrings: list[Vring], base: int | None = None) -> None:
+    def apply(self, vring: Vring, base: int | None = None) -> None:
         """Pushes one vring's configuration into its worker (paused around it)."""
         qp = self.qp_of(vring)
         with qp.paused():
@@ -168,20 +169,12 @@ class NetDevice:
             if base is not None:
                 check(lib.vr_qp_set_base(qp.ptr, vring.which, base), f"vring {vring.index} base {base:#x}")
             qp.map()
-            self._note_mapped(vrings)
+            self._note_mapped([vring])
 
     def _note_mapped(self, vrings: list[Vring]) -> None:
-        """Learns which configured rings C could map (mapping failures are per qp)."""
+        """Learns which rings C could map (caller holds their queue pairs' pause)."""
         for v in vrings:
-            if not v.configured or not len(self.mem):
-                v.mapped = False
-                continue
-            ok = True
-            for uva, size in ((v.addr.desc, 16 * v.num), (v.addr.avail, 6 + 2 * v.num), (v.addr.used, 6 + 8 * v.num)):
-                length = ffi.new("uint64_t *", size)
-                if lib.vr_translate(self.mem.table, lib.VR_SPACE_UVA, uva, length) == ffi.NULL or length[0] < size:
-                    ok = False
-            v.mapped = ok
+            v.mapped = lib.vr_qp_mapped(self.qp_of(v).ptr, v.which) == 1
 
     def stop_vring(self, vring: Vring) -> int:
         """GET_VRING_BASE: stops the ring and returns where the device stopped."""
@@ -197,10 +190,7 @@ class NetDevice:
         """Forgets a frontend: rings idle, fds released, memory unmapped. The TAP stays."""
         with self.all_paused():
             for v in vrings:
-                qp = self.qp_of(v)
-                fresh = Vring(v.index)
-                qp.push(fresh)
-                qp.reset_vq(v.which)
+                self.qp_of(v).reset_vq(v.which)
             self.mem.clear()
         for v in vrings:
             v.release()

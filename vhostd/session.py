@@ -83,7 +83,7 @@ class Session:
         validate_vring_index(body.index, self.device.queue_pairs)
 
     def _apply(self, vring: Vring, base: int | None = None) -> None:
-        self.device.apply(vring, self.vrings, base)
+        self.device.apply(vring, base)
 
     def describe(self) -> dict:
         return {

@@ -1,8 +1,10 @@
 """The control socket vhostctl talks to: one JSON request per line, one JSON reply per line.
 
 Served by the daemon's event loop (asyncio streams are fine here: no fds travel).
-Requests: {"cmd": "ports"}, {"cmd": "stats", "port": NAME|null}.
-Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.
+Mode 0660 by default: root and the socket's group may operate the daemon.
+
+Requests ("cmd"): ports | stats [port] | metrics | add-port {port fields} |
+del-port {name} | reload. Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import os
 import socket
 
+from vhostd.config import port_from_dict
 from vhostd.errors import SetupError
 from vhostd.stats import totals
 
@@ -19,6 +22,12 @@ log = logging.getLogger("vhostd.control")
 
 DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 CONTROL_MODE = 0o660
+MAX_REQUEST = 64 * 1024
+
+
+def port_stats(port) -> dict:
+    queues = port.device.counters() if port.device else []
+    return {"port": port.name, "connected": port.session is not None, "totals": totals(queues), "queues": queues}
 
 
 class ControlServer:
@@ -38,7 +47,7 @@ class ControlServer:
                 os.unlink(self.path)
             finally:
                 probe.close()
-        self.server = await asyncio.start_unix_server(self._client, path=self.path)
+        self.server = await asyncio.start_unix_server(self._client, path=self.path, limit=MAX_REQUEST)
         os.chmod(self.path, CONTROL_MODE)
 
     async def stop(self) -> None:
@@ -54,29 +63,46 @@ class ControlServer:
         try:
             while line := await reader.readline():
                 try:
-                    reply = self.handle(json.loads(line))
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ValueError("request must be a JSON object")
+                    reply = await self.handle(req)
                 except (ValueError, TypeError) as exc:
                     reply = {"ok": False, "error": f"bad request: {exc}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
             writer.close()
 
-    def handle(self, req: dict) -> dict:
+    async def handle(self, req: dict) -> dict:
         cmd = req.get("cmd")
         ports = self.daemon.ports
-        if cmd == "ports":
-            return {"ok": True, "ports": [p.describe() for p in ports.values()]}
-        if cmd == "stats":
-            name = req.get("port")
-            if name is not None and name not in ports:
-                return {"ok": False, "error": f"no port named {name!r} (ports: {', '.join(ports) or 'none'})"}
-            selected = [ports[name]] if name is not None else list(ports.values())
-            out = []
-            for p in selected:
-                queues = p.device.counters() if p.device else []
-                out.append({"port": p.name, "connected": p.session is not None, "totals": totals(queues), "queues": queues})
-            return {"ok": True, "stats": out}
+        try:
+            if cmd == "ports":
+                return {"ok": True, "ports": [p.describe() for p in ports.values()]}
+            if cmd == "stats":
+                name = req.get("port")
+                if name is not None and name not in ports:
+                    return {"ok": False, "error": f"no port named {name!r} (ports: {', '.join(ports) or 'none'})"}
+                selected = [ports[name]] if name is not None else list(ports.values())
+                return {"ok": True, "stats": [port_stats(p) for p in selected]}
+            if cmd == "metrics":
+                from vhostd.metrics import render
+
+                return {"ok": True, "text": render(self.daemon)}
+            if cmd == "add-port":
+                fields = {k: v for k, v in (req.get("port") or {}).items() if v is not None}
+                cfg = port_from_dict(fields, "add-port")
+                port = await self.daemon.add_port(cfg)
+                log.info("port %s added at run time", port.name)
+                return {"ok": True, "port": port.describe()}
+            if cmd == "del-port":
+                await self.daemon.remove_port(str(req.get("name")))
+                return {"ok": True}
+            if cmd == "reload":
+                return {"ok": True, "summary": await self.daemon.reload()}
+        except SetupError as exc:
+            return {"ok": False, "error": str(exc)}
         return {"ok": False, "error": f"unknown command {cmd!r}"}

@@ -1,0 +1,291 @@
+"""Operations: a config file with many ports, vhostctl verbs against a daemon carrying
+real traffic, Prometheus metrics, SIGHUP reload and add/del-port at run time."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, packet_socket
+from tests.traffic import Guest, collect, frame, marker_of
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_toml(name, tmp: Path, netns: str, **extra) -> str:
+    lines = ["[[port]]", f'name = "{name}"', f'socket = "{tmp / (name + ".sock")}"', f'tap = "{name}"',
+             f'netns = "{netns}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+class ConfigDaemon:
+    def __init__(self, tmp: Path, netns: str, ports: list[str], loop: str, metrics: int | None = None):
+        self.tmp, self.netns = tmp, netns
+        self.control = str(tmp / "control.sock")
+        self.config = tmp / "vhostd.toml"
+        self.metrics = metrics
+        self.write(ports)
+        self.logfile = open(tmp / "vhostd.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vhostd", "--config", str(self.config), "-v"],
+                                     stdout=self.logfile, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=dict(ENV, VHOSTD_EVENT_LOOP=loop))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.control):
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
+    def write(self, ports: list[str]) -> None:
+        head = f'control = "{self.control}"\n'
+        if self.metrics:
+            head += f'metrics_listen = "127.0.0.1:{self.metrics}"\n'
+        self.config.write_text(head + "".join(port_toml(p, self.tmp, self.netns) for p in ports))
+
+    def sock(self, name: str) -> str:
+        return str(self.tmp / f"{name}.sock")
+
+    def ctl(self, *args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "import sys; from vhostd.cli import vhostctl_main; "
+                               "sys.exit(vhostctl_main(sys.argv[1:]))", "--control", self.control, *args],
+                              capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=60)
+
+    def ctl_json(self, *args):
+        r = self.ctl(*args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def log(self) -> str:
+        self.logfile.flush()
+        return (self.tmp / "vhostd.log").read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        finally:
+            self.logfile.close()
+
+
+@pytest.fixture
+def config_daemon(tmp_path, netns, loop_kind):
+    started = []
+
+    def start(ports, metrics=None):
+        d = ConfigDaemon(tmp_path, netns, ports, loop_kind, metrics)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        assert d.stop() == 0, d.log()
+
+
+QUEUE_KEYS = {"queue_pair", "vring", "dir", "packets", "bytes", "drop_ring_full", "drop_tap_busy", "drop_tap_error",
+              "drop_bad_desc", "drop_bad_hdr", "drop_disabled", "kicks", "calls", "calls_suppressed", "batch_hist",
+              "broken"}
+PORT_KEYS = {"name", "socket", "mode", "tap", "netns", "queues", "connected", "connections", "uptime_s",
+             "connected_for_s"}
+
+
+def test_many_ports_stats_json_metrics_and_watch(config_daemon, netns):
+    mport = free_tcp_port()
+    d = config_daemon(["vop1", "vop2"], metrics=mport)
+    g1, g2 = Guest(d.sock("vop1")).setup(), Guest(d.sock("vop2")).setup()
+    try:
+        s1, s2 = packet_socket(netns, "vop1"), packet_socket(netns, "vop2")
+        f1 = [frame(i, 100 + i) for i in range(10)]
+        f2 = [frame(i, 300) for i in range(5)]
+        g1.send(f1)
+        g2.send(f2)
+        collect(s1, 10)
+        collect(s2, 5)
+        g1.post_rx(8)
+        rx = [frame(i, 200, b"RXO") for i in range(4)]
+        for f in rx:
+            s1.send(f)
+        g1.rx.wait_used(4)
+
+        ports = d.ctl_json("ports")
+        assert [p["name"] for p in ports] == ["vop1", "vop2"]
+        for p in ports:
+            assert PORT_KEYS <= set(p) and p["connected"] is True
+            fe = p["frontend"]
+            assert {"features", "feature_names", "protocol_features", "protocol_feature_names", "memory_regions",
+                    "queue_pairs_enabled", "vrings"} <= set(fe)
+            assert fe["memory_regions"] == 1 and fe["queue_pairs_enabled"] == 1
+
+        stats = {s["port"]: s for s in d.ctl_json("stats")}
+        for s in stats.values():
+            assert len(s["queues"]) == 2
+            for q in s["queues"]:
+                assert set(q) == QUEUE_KEYS
+        q1 = {q["dir"]: q for q in stats["vop1"]["queues"]}
+        assert q1["tx"]["packets"] == 10 and q1["tx"]["bytes"] == sum(map(len, f1))
+        assert q1["rx"]["packets"] == 4 and q1["rx"]["bytes"] == sum(map(len, rx))
+        assert q1["tx"]["kicks"] >= 1 and q1["rx"]["calls"] >= 1
+        q2 = {q["dir"]: q for q in stats["vop2"]["queues"]}
+        assert q2["tx"]["packets"] == 5 and q2["rx"]["packets"] == 0
+        one = d.ctl_json("stats", "vop2")
+        assert [s["port"] for s in one] == ["vop2"]
+
+        # metrics: the same numbers, through vhostctl and through HTTP, parsed by Prometheus' parser
+        text = d.ctl("metrics").stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            http_text = resp.read().decode()
+        for body in (text, http_text):
+            samples = {}
+            for fam in text_string_to_metric_families(body):
+                for s in fam.samples:
+                    samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            assert samples[("vhostd_tx_packets_total", (("port", "vop1"), ("queue", "0")))] == 10
+            assert samples[("vhostd_rx_bytes_total", (("port", "vop1"), ("queue", "0")))] == sum(map(len, rx))
+            assert samples[("vhostd_tx_packets_total", (("port", "vop2"), ("queue", "0")))] == 5
+            assert samples[("vhostd_port_connected", (("port", "vop2"),))] == 1
+            assert samples[("vhostd_ports", ())] == 2
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{mport}/other", timeout=5)
+
+        # --watch: rates per second while traffic flows
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from vhostd.cli import vhostctl_main; "
+                                 "sys.exit(vhostctl_main(sys.argv[1:]))", "--control", d.control, "stats", "--watch",
+                                 "--interval", "0.5", "--count", "2"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                env=ENV)
+        for burst in range(6):
+            g1.send([frame(1000 + burst * 10 + i) for i in range(10)])
+            time.sleep(0.15)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert "pkt/s" in out and "vop1" in out and "tx0" in out
+        rates = [float(line.split()[2].rstrip("kMG")) for line in out.splitlines() if line.startswith("vop1") and " tx0 " in line]
+        assert len(rates) == 2 and max(rates) > 0
+        top = d.ctl("top", "--interval", "0.2", "--count", "1")
+        assert top.returncode == 0 and "vhostd top" in top.stdout and "ports 2 (2 connected)" in top.stdout
+    finally:
+        g1.close()
+        g2.close()
+
+
+def test_reload_adds_and_removes_ports_while_another_passes_traffic(config_daemon, netns):
+    d = config_daemon(["vra", "vrb"])
+    g = Guest(d.sock("vra")).setup()
+    try:
+        sa = packet_socket(netns, "vra")
+        g.send([frame(i) for i in range(5)])
+        collect(sa, 5)
+        d.write(["vra", "vrc"])
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while os.path.exists(d.sock("vrb")) or not os.path.exists(d.sock("vrc")):
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        # vra kept its frontend and keeps passing traffic
+        g.send([frame(100 + i) for i in range(5)])
+        got = collect(sa, 5)
+        assert sorted(got) == list(range(100, 105))
+        ports = {p["name"]: p for p in d.ctl_json("ports")}
+        assert set(ports) == {"vra", "vrc"}
+        assert ports["vra"]["connected"] and ports["vra"]["connections"] == 1
+        assert "reloaded" in d.log() and "1 opened, 1 closed" in d.log()
+        # the new port works
+        g2 = Guest(d.sock("vrc")).setup()
+        try:
+            sc = packet_socket(netns, "vrc")
+            g2.send([frame(7)])
+            collect(sc, 1)
+        finally:
+            g2.close()
+        # vhostctl reload with a broken file: clear error, ports untouched
+        d.config.write_text("[[port]]\nsocket = 3\n")
+        r = d.ctl("reload")
+        assert r.returncode == 1 and "socket must be a str" in r.stderr
+        assert {p["name"] for p in d.ctl_json("ports")} == {"vra", "vrc"}
+        g.send([frame(200)])
+        collect(sa, 1)
+    finally:
+        g.close()
+
+
+def test_add_and_del_port_at_run_time(config_daemon, netns, tmp_path):
+    d = config_daemon(["vad1"])
+    sock = str(tmp_path / "dyn.sock")
+    r = d.ctl("add-port", "--socket", sock, "--tap", "vdyn", "--netns", netns)
+    assert r.returncode == 0, r.stderr
+    assert "port vdyn added" in r.stdout
+    g = Guest(sock).setup()
+    try:
+        s = packet_socket(netns, "vdyn")
+        g.send([frame(3)])
+        collect(s, 1)
+    finally:
+        g.close()
+    r = d.ctl("add-port", "--socket", sock, "--tap", "vother", "--netns", netns)
+    assert r.returncode == 1 and "already used by port vdyn" in r.stderr
+    r = d.ctl("del-port", "vdyn")
+    assert r.returncode == 0 and not os.path.exists(sock)
+    assert [p["name"] for p in d.ctl_json("ports")] == ["vad1"]
+    r = d.ctl("del-port", "vdyn")
+    assert r.returncode == 1 and "no port named 'vdyn'" in r.stderr
+
+
+def test_disabled_ring_drops_are_reported_once(config_daemon, netns):
+    d = config_daemon(["vdr"])
+    g = Guest(d.sock("vdr")).setup()
+    try:
+        g.fe.set_vring_enable(1, False)
+        g.send([frame(i) for i in range(6)])
+        g.tx.wait_used(6)
+        deadline = time.monotonic() + 15
+        while "dropped frames since last report" not in d.log():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.1)
+        assert "tx_drop_disabled=6" in d.log()
+        stats = {q["dir"]: q for q in d.ctl_json("stats")[0]["queues"]}
+        assert stats["tx"]["drop_disabled"] == 6 and stats["tx"]["packets"] == 0
+        g.send([frame(10 + i) for i in range(3)])
+        g.tx.wait_used(3)
+        time.sleep(6)  # more drops within the minute: no second line
+        assert d.log().count("dropped frames since last report") == 1
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("body,message", [
+    ("[[port]]\nsocket = '/tmp/x.sock'\n", "tap is required"),
+    ("[[port]]\nsocket = '/tmp/x.sock'\ntap = 'a'\nsokcet = 1\n", "unknown key 'sokcet'"),
+    ("[[port]]\nsocket = '/tmp/x.sock'\ntap = 'a'\n[[port]]\nsocket = '/tmp/x.sock'\ntap = 'b'\n",
+     "socket '/tmp/x.sock' is already used by port a"),
+    ("[[port]]\nsocket = '/tmp/x.sock'\ntap = 'a'\nqueues = 99\n", "queues 99 out of range"),
+    ("port = [\n", "config file"),
+])
+def test_bad_config_exits_with_one_clear_line(tmp_path, body, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body)
+    r = subprocess.run([sys.executable, "-m", "vhostd", "--config", str(cfg), "--control", ""],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=30)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("vhostd: error: ") and message in last, r.stderr
+
+
+def test_vhostctl_without_daemon(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import sys; from vhostd.cli import vhostctl_main; "
+                        "sys.exit(vhostctl_main(sys.argv[1:]))", "--control", str(tmp_path / "none"), "top",
+                        "--count", "1"], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert r.returncode == 1 and "vhostd is not running" in r.stderr

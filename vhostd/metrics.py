@@ -1,0 +1,123 @@
+"""Prometheus text exposition (format 0.0.4) of the daemon's counters, and a tiny
+HTTP endpoint serving it (`--metrics-listen ADDR:PORT`, loopback by default).
+
+Names follow Prometheus conventions: `vhostd_<dir>_<counter>_total{port,queue}`
+for the per-queue datapath counters, gauges for per-port state.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vhostd.config import parse_listen
+from vhostd.errors import SetupError
+from vhostd.stats import BATCH_BUCKETS, VQ_COUNTERS
+
+log = logging.getLogger("vhostd.metrics")
+
+_HELP = {
+    "packets": "Frames moved through the queue",
+    "bytes": "Frame bytes moved through the queue (vnet header excluded)",
+    "drop_ring_full": "Frames dropped: no guest buffer large enough",
+    "drop_tap_busy": "Frames dropped: TAP write would block",
+    "drop_tap_error": "Frames dropped: TAP write failed",
+    "drop_bad_desc": "Descriptor chains rejected as malformed",
+    "drop_bad_hdr": "Frames dropped: invalid virtio-net header",
+    "drop_disabled": "Frames dropped: ring started but disabled",
+    "kicks": "Guest notifications (kicks) received",
+    "calls": "Guest interrupts (calls) sent",
+    "calls_suppressed": "Guest interrupts skipped because the guest suppressed them",
+}
+
+
+def _esc(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(daemon) -> str:
+    lines: list[str] = []
+    ports = list(daemon.ports.values())
+    rows = [(p, q) for p in ports if p.device for q in p.device.counters()]
+    for direction in ("rx", "tx"):
+        for name in VQ_COUNTERS:
+            metric = f"vhostd_{direction}_{name}_total"
+            lines.append(f"# HELP {metric} {_HELP[name]} ({direction.upper()}).")
+            lines.append(f"# TYPE {metric} counter")
+            for p, q in rows:
+                if q["dir"] == direction:
+                    lines.append(f'{metric}{{port="{_esc(p.name)}",queue="{q["queue_pair"]}"}} {q[name]}')
+        metric = f"vhostd_{direction}_burst_size"
+        lines.append(f"# HELP {metric} Descriptor chains handled per burst ({direction.upper()}).")
+        lines.append(f"# TYPE {metric} histogram")
+        for p, q in rows:
+            if q["dir"] != direction:
+                continue
+            cumulative = 0
+            labels = f'port="{_esc(p.name)}",queue="{q["queue_pair"]}"'
+            for bucket in BATCH_BUCKETS:
+                cumulative += q["batch_hist"][bucket]
+                upper = "+Inf" if bucket.endswith("+") else bucket.split("-")[-1]
+                lines.append(f'{metric}_bucket{{{labels},le="{upper}"}} {cumulative}')
+            if not BATCH_BUCKETS[-1].endswith("+"):
+                lines.append(f'{metric}_bucket{{{labels},le="+Inf"}} {cumulative}')
+            lines.append(f"{metric}_count{{{labels}}} {cumulative}")
+    gauges = [
+        ("vhostd_port_connected", "1 if a frontend is connected", lambda p: int(p.session is not None)),
+        ("vhostd_port_connections_total", "Frontend connections accepted", lambda p: p.connections),
+        ("vhostd_port_queue_pairs", "Queue pairs configured", lambda p: p.config.queues),
+        ("vhostd_port_queue_pairs_enabled", "Queue pairs the frontend enabled",
+         lambda p: p.session.describe()["queue_pairs_enabled"] if p.session else 0),
+        ("vhostd_port_memory_bytes", "Guest memory mapped", lambda p: p.device.mem.total_size if p.device else 0),
+        ("vhostd_port_request_errors_total", "Frontend requests refused",
+         lambda p: p.session.errors if p.session else 0),
+    ]
+    for metric, help_, fn in gauges:
+        kind = "counter" if metric.endswith("_total") else "gauge"
+        lines.append(f"# HELP {metric} {help_}.")
+        lines.append(f"# TYPE {metric} {kind}")
+        for p in ports:
+            lines.append(f'{metric}{{port="{_esc(p.name)}"}} {fn(p)}')
+    lines.append("# HELP vhostd_ports Ports configured.")
+    lines.append("# TYPE vhostd_ports gauge")
+    lines.append(f"vhostd_ports {len(ports)}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """GET /metrics over HTTP/1.0; anything else 404. One request per connection."""
+
+    def __init__(self, daemon, listen: str):
+        self.daemon = daemon
+        self.host, self.port = parse_listen(listen)
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        try:
+            self.server = await asyncio.start_server(self._client, self.host, self.port)
+        except OSError as exc:
+            raise SetupError(f"metrics endpoint {self.host}:{self.port}: {exc.strerror}") from None
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (line := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                body, status = render(self.daemon).encode(), "200 OK"
+                ctype = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,238 @@
+"""One port: a vhost-user socket + a TAP + a virtio-net device, and its frontends.
+
+In server mode (the default) the port listens and QEMU connects
+(`-chardev socket,path=...`); with `client` it connects to QEMU's `server=on`
+chardev and retries until it can. One frontend at a time: after a disconnect
+every mapping and fd of that frontend is released and the port waits for the
+next one; the TAP stays. Datapath problems reach the log here, rate-limited.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+
+from vhostd import tap as taplib
+from vhostd.config import PortConfig
+from vhostd.connection import Connection
+from vhostd.errors import SetupError
+from vhostd.net import NetDevice
+from vhostd.session import Session
+from vhostd.stats import totals
+
+log = logging.getLogger("vhostd")
+
+CLIENT_RETRY_S = 1.0
+DROP_REPORT_INTERVAL_S = 60.0  # at most one drop summary per port per minute
+DROP_KEYS = ("drop_ring_full", "drop_tap_busy", "drop_tap_error", "drop_bad_desc", "drop_bad_hdr", "drop_disabled")
+
+
+class PortLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"port {self.extra['port']}: {msg}", kwargs
+
+
+def _inherited_listener(fd: int) -> socket.socket:
+    """--fd: a listening AF_UNIX stream socket handed over by the parent (libvirt, systemd)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise SetupError(f"--fd {fd}: {exc.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise SetupError(f"--fd {fd} is not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise SetupError(f"--fd {fd} is not a listening socket")
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_listener(path: str) -> socket.socket:
+    """A listening socket at `path`; refuses a path that a live server holds."""
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SetupError(f"socket path {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale socket from a previous run
+        else:
+            raise SetupError(f"socket path {path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot create socket {path}: {exc.strerror}") from None
+    sock.listen(4)
+    sock.setblocking(False)
+    return sock
+
+
+class Port:
+    def __init__(self, config: PortConfig):
+        self.config = config
+        self.log = PortLog(log, {"port": config.name})
+        self.device: NetDevice | None = None
+        self.session: Session | None = None
+        self.listener: socket.socket | None = None
+        self.task: asyncio.Task | None = None
+        self.connections = 0
+        self.opened_at = time.time()
+        self.connected_at: float | None = None
+        self._owns_socket_path = False
+        self._drops_reported: dict[str, int] = {}
+        self._drops_logged_at = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def open(self) -> None:
+        """Set-up that can fail: TAP, device, socket. Raises SetupError with one clear line."""
+        c = self.config
+        tap = await asyncio.to_thread(taplib.open_tap, c.tap, c.netns, c.queues)
+        try:
+            await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
+            self.device = NetDevice(self.name, tap, c.queues)
+        except BaseException:
+            tap.close()
+            raise
+        loop = asyncio.get_running_loop()
+        for qp in self.device.qps:
+            loop.add_reader(qp.event_fd, self._on_datapath_event)
+        if c.fd is not None:
+            self.listener = _inherited_listener(c.fd)
+        elif not c.client:
+            self.listener = _bind_listener(c.socket)
+            self._owns_socket_path = True
+        where = f" in netns {c.netns}" if c.netns else ""
+        self.log.info(
+            "TAP %s%s, %d queue pair(s), %s %s", c.tap, where, c.queues,
+            "connecting to" if c.client else "listening on", c.socket,
+        )
+
+    def _on_datapath_event(self) -> None:
+        for line in self.device.check_events():
+            self.log.warning("%s", line)
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        announced = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self.config.socket)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if not announced:
+                    self.log.info("waiting for %s (%s)", self.config.socket, exc.strerror)
+                    announced = True
+                await asyncio.sleep(CLIENT_RETRY_S)
+            except BaseException:
+                sock.close()
+                raise
+
+    async def serve(self) -> None:
+        """Frontend after frontend, until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.config.client:
+                sock, peer = await self._connect(), self.config.socket
+            else:
+                sock, _ = await loop.sock_accept(self.listener)
+                peer = _peer_pid(sock)
+            self.connections += 1
+            self.connected_at = time.time()
+            self.log.info("frontend connected%s", f" ({peer})" if peer else "")
+            self.session = Session(self.device, Connection(sock), self.log, peer)
+            if self.listener is not None:
+                loop.add_reader(self.listener.fileno(), self._note_waiting)
+            try:
+                await self.session.run()
+            finally:
+                if self.listener is not None:
+                    loop.remove_reader(self.listener.fileno())
+                self.session = None
+                self.connected_at = None
+
+    def _note_waiting(self) -> None:
+        """A vhost-user socket serves one frontend at a time: a second one stays in
+        the listen backlog until the current one leaves (said once, not refused, so
+        a frontend that reconnects quickly is never turned away)."""
+        self.log.warning("another frontend is waiting: this port serves one at a time")
+        asyncio.get_running_loop().remove_reader(self.listener.fileno())
+
+    def close(self) -> None:
+        if self.device is not None:
+            loop = asyncio.get_running_loop()
+            for qp in self.device.qps:
+                loop.remove_reader(qp.event_fd)
+            if self.session is not None:
+                self.session.close()
+            self.device.close()
+            self.device = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            if self._owns_socket_path:
+                try:
+                    os.unlink(self.config.socket)
+                except FileNotFoundError:
+                    pass
+
+    def report_drops(self, now: float | None = None) -> None:
+        """One summary line when frames were dropped since the last one, at most once
+        per DROP_REPORT_INTERVAL_S: the datapath only counts, it never logs."""
+        if self.device is None:
+            return
+        now = time.monotonic() if now is None else now
+        if now - self._drops_logged_at < DROP_REPORT_INTERVAL_S:
+            return
+        t = totals(self.device.counters())
+        current = {k: v for k, v in t.items() if k.split("_", 1)[1] in DROP_KEYS}
+        grown = {k: v - self._drops_reported.get(k, 0) for k, v in current.items()
+                 if v > self._drops_reported.get(k, 0)}
+        if grown:
+            self.log.warning("dropped frames since last report: %s",
+                             " ".join(f"{k}={v}" for k, v in sorted(grown.items())))
+            self._drops_logged_at = now
+        self._drops_reported = current
+
+    def describe(self) -> dict:
+        out = {
+            "name": self.name,
+            "socket": self.config.socket or f"fd {self.config.fd}",
+            "mode": "client" if self.config.client else "server",
+            "tap": self.config.tap,
+            "netns": self.config.netns,
+            "queues": self.config.queues,
+            "connected": self.session is not None,
+            "connections": self.connections,
+            "uptime_s": round(time.time() - self.opened_at, 1),
+            "connected_for_s": round(time.time() - self.connected_at, 1) if self.connected_at else None,
+        }
+        if self.session is not None:
+            out["frontend"] = self.session.describe()
+        return out
+
+
+def _peer_pid(sock: socket.socket) -> str:
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return f"pid {pid}" if pid else ""
+    except OSError:
+        return ""
+
+

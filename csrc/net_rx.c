@@ -1,10 +1,20 @@
 /*
- * net_rx.c — TAP -> guest (the RX virtqueue of a queue pair), virtio 1.1 §5.1.6.3.
+ * net_rx.c — TAP -> guest (the RX virtqueue of a queue pair), virtio 1.1 §5.1.6.3
+ * and §5.1.6.4 (mergeable receive buffers).
  *
- * Without mergeable buffers handling (this version) each frame uses one chain of
- * writable descriptors: readv() straight from the TAP into guest memory (the
- * kernel's copy is the only one), then num_buffers = 1 when the header is 12
- * bytes (valid with and without MRG_RXBUF), then one used element {head, bytes}.
+ * Frames are readv()ed straight from the TAP into guest memory (the kernel's copy
+ * is the only one); the TAP's vnet header lands in the guest unchanged except
+ * num_buffers (12-byte header only).
+ *
+ * Without MRG_RXBUF a frame uses exactly one chain; a frame larger than it is
+ * dropped (counted in drop_ring_full) and the chain reused. With MRG_RXBUF a
+ * frame's size is known only after the read, so we gather chains up front until
+ * they hold qp->rx_need bytes (the largest frame the acked offloads allow, see
+ * worker.c) or the ring runs dry, readv() once over all of them, publish used
+ * entries for the chains actually filled (each with its own length), set
+ * num_buffers to their count, and keep the rest for the next frame. Chains still
+ * held at the end of a burst are given back by rewinding the avail position, so
+ * the ring state is exact whenever the worker parks.
  *
  * Two wake-up sources (REFERENCE "Datapath traps"): the TAP becoming readable and
  * the guest kicking after posting buffers. When the ring is empty we stop watching
@@ -63,12 +73,120 @@ static ssize_t vr_rx_read(struct vr_qp *qp, struct iovec *iov, unsigned niov, bo
     return n < 0 ? -errno : n;
 }
 
+/* Moves the stash (chains and their iovecs) to the front of its arrays. */
+static void vr_stash_compact(struct vr_qp *qp)
+{
+    unsigned f = qp->stash_first, n = qp->stash_count;
+    unsigned iov0 = n ? qp->rx_stash[f].iov_first : qp->stash_iov_end;
+
+    if (iov0)
+        memmove(qp->rx_iov, qp->rx_iov + iov0, (qp->stash_iov_end - iov0) * sizeof(struct iovec));
+    if (f)
+        memmove(qp->rx_stash, qp->rx_stash + f, n * sizeof(struct vr_chain));
+    for (unsigned k = 0; k < n; k++)
+        qp->rx_stash[k].iov_first -= iov0;
+    qp->stash_first = 0;
+    qp->stash_iov_end -= iov0;
+}
+
+/* Gives every stashed chain back to the ring (they will be popped again). */
+static void vr_stash_return(struct vr_qp *qp, struct vr_vq *vq)
+{
+    if (qp->stash_count)
+        vr_vq_rewind(vq, &qp->rx_stash[qp->stash_first]);
+    qp->stash_first = qp->stash_count = qp->stash_iov_end = 0;
+    qp->stash_bytes = 0;
+}
+
+/*
+ * Tops the stash up for the next frame: one chain without MRG_RXBUF, chains
+ * holding qp->rx_need bytes with it. 1: at least one chain stashed; 0: ring
+ * empty (nothing stashed); VR_POP_BROKEN: the vq broke.
+ */
+static int vr_stash_fill(struct vr_qp *qp, struct vr_vq *vq, bool mrg)
+{
+    while (qp->stash_count == 0 || (mrg && qp->stash_bytes < qp->rx_need)) {
+        struct vr_chain c;
+        int r;
+
+        if (qp->stash_first + qp->stash_count == VR_MAX_IOV || qp->stash_iov_end == VR_MAX_IOV) {
+            if (qp->stash_first == 0 && qp->rx_stash[0].iov_first == 0)
+                break;                  /* iovecs exhausted: read with what we hold */
+            vr_stash_compact(qp);
+        }
+        r = vr_vq_pop(qp, vq, qp->rx_iov + qp->stash_iov_end, VR_MAX_IOV - qp->stash_iov_end, &c);
+        if (r == VR_POP_NOSPACE) {
+            if (qp->stash_count == 0 && qp->stash_iov_end == 0) {
+                vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);  /* > VR_MAX_IOV segments */
+                return VR_POP_BROKEN;
+            }
+            if (qp->stash_first || qp->stash_iov_end != qp->rx_stash[qp->stash_first].iov_first) {
+                vr_stash_compact(qp);
+                continue;
+            }
+            break;                      /* the stash fills the iovecs: read with it */
+        }
+        if (r < 0)
+            return VR_POP_BROKEN;
+        if (r == 0)
+            break;
+        if (c.nout) {
+            /* Readable descriptors on RX: a malformed chain (left unconsumed). */
+            vr_vq_rewind(vq, &c);
+            vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);
+            return VR_POP_BROKEN;
+        }
+        c.iov_first = qp->stash_iov_end;
+        qp->stash_iov_end += c.niov;
+        qp->rx_stash[qp->stash_first + qp->stash_count++] = c;
+        qp->stash_bytes += c.in_len;
+    }
+    return qp->stash_count ? 1 : 0;
+}
+
+/*
+ * Publishes a frame of `got` bytes read into the stash: used entries for the
+ * chains it filled (in order, each with its own length), num_buffers first.
+ */
+static void vr_rx_complete(struct vr_qp *qp, struct vr_vq *vq, uint64_t got)
+{
+    const struct vr_chain *first = &qp->rx_stash[qp->stash_first];
+    unsigned used = 0;
+    uint64_t rest = got, bytes = 0;
+
+    /* Count the chains the frame reached (a zero-length chain in between counts). */
+    while (used < qp->stash_count) {
+        const struct vr_chain *c = &first[used++];
+
+        bytes += c->in_len;
+        if (bytes >= got)
+            break;
+    }
+    if (qp->vnet_hdr_len == 12) {
+        const uint16_t nb = (uint16_t)used;   /* num_buffers, le16 at offset 10 */
+
+        vr_iov_copy_in(qp->rx_iov + first->iov_first, qp->stash_iov_end - first->iov_first,
+                       10, &nb, sizeof(nb));
+    }
+    for (unsigned k = 0; k < used; k++) {
+        uint64_t l = first[k].in_len < rest ? first[k].in_len : rest;
+
+        vr_vq_push(vq, &first[k], (uint32_t)l);
+        rest -= l;
+        qp->stash_bytes -= first[k].in_len;
+    }
+    qp->stash_first += used;
+    qp->stash_count -= used;
+    if (qp->stash_count == 0)
+        qp->stash_first = qp->stash_iov_end = 0;
+}
+
 enum vr_rx_state vr_rx_process(struct vr_qp *qp)
 {
     struct vr_vq *vq = &qp->vq[VR_RX];
     const uint32_t hl = qp->vnet_hdr_len;
+    const bool mrg = vr_has_feature(qp, VR_F_MRG_RXBUF);
     enum vr_rx_state state = VR_RX_MORE;
-    struct vr_chain c;
     unsigned n = 0, tries = 0;
 
     if (!vr_vq_ready(vq) || !vq->enabled)
@@ -77,6 +195,8 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
         return VR_RX_TAP_DEAD;
     vr_vq_disable_notify(qp, vq);
     for (;;) {
+        const struct vr_chain *c;
+        unsigned niov;
         ssize_t got;
         bool trunc;
         int r;
@@ -85,7 +205,7 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
             state = VR_RX_MORE;
             break;
         }
-        r = vr_vq_pop(qp, vq, qp->rx_iov, VR_MAX_IOV, &c);
+        r = vr_stash_fill(qp, vq, mrg);
         if (r < 0) {
             state = VR_RX_OFF;          /* broken */
             break;
@@ -98,44 +218,33 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
             state = VR_RX_RING_EMPTY;
             break;
         }
-        if (c.nout) {
-            /* Readable descriptors on RX: a malformed chain (left unconsumed). */
-            vr_vq_unpop(vq);
-            vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);
-            state = VR_RX_OFF;
-            break;
-        }
         tries++;
-        got = vr_rx_read(qp, qp->rx_iov, c.niov, &trunc);
+        c = &qp->rx_stash[qp->stash_first];
+        niov = mrg ? qp->stash_iov_end - c->iov_first : c->niov;
+        got = vr_rx_read(qp, qp->rx_iov + c->iov_first, niov, &trunc);
         if (got == -EAGAIN || got == -EWOULDBLOCK || got == -EINTR) {
-            vr_vq_unpop(vq);
             state = got == -EINTR ? VR_RX_MORE : VR_RX_TAP_EMPTY;
             break;
         }
         if (got == 0 || (got < 0 && got != -EFAULT && got != -EINVAL && got != -EMSGSIZE)) {
             /* EOF (the stand-in's peer went away), EBADFD (queue detached), ...:
              * not per-frame failures. Stop reading until the next resume. */
-            vr_vq_unpop(vq);
             qp->tap_dead = true;
             state = VR_RX_TAP_DEAD;
             break;
         }
         if (got < 0 || trunc || (size_t)got < hl) {
-            /* Frame larger than the chain (the kernel dropped it) or a runt. */
-            vr_vq_unpop(vq);
+            /* Frame larger than the buffers (the kernel dropped it) or a runt:
+             * the chains stay stashed for the next frame. */
             vq->stats.drop_ring_full++;
             continue;
         }
-        if (hl == 12) {
-            const uint16_t one = 1;     /* num_buffers, le16 at offset 10 */
-
-            vr_iov_copy_in(qp->rx_iov, c.niov, 10, &one, sizeof(one));
-        }
-        vr_vq_push(vq, c.head, (uint32_t)got);
+        vr_rx_complete(qp, vq, (uint64_t)got);
         vq->stats.packets++;
         vq->stats.bytes += (uint64_t)got - hl;
         n++;
     }
+    vr_stash_return(qp, vq);
     vr_vq_flush(qp, vq);
     vr_hist_add(&vq->stats, n);
     return state;

@@ -157,7 +157,7 @@ static void vr_tx_one(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
         vq->stats.bytes += frame_len;
     }
 done:
-    vr_vq_push(vq, c->head, 0);
+    vr_vq_push(vq, c, 0);
 }
 
 bool vr_tx_process(struct vr_qp *qp)
@@ -178,6 +178,11 @@ bool vr_tx_process(struct vr_qp *qp)
             break;
         }
         r = vr_vq_pop(qp, vq, qp->tx_iov + 1, VR_MAX_IOV - 1, &c);
+        if (r == VR_POP_NOSPACE) {
+            /* More segments than writev() takes: malformed for us (left unconsumed). */
+            vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);
+            break;
+        }
         if (r < 0)
             break;                      /* broken: counted, vq no longer serviced */
         if (r == 0) {
@@ -190,7 +195,7 @@ bool vr_tx_process(struct vr_qp *qp)
         if (c.nout != c.niov) {
             /* Writable descriptors on TX: a malformed chain. Left unconsumed,
              * like every other malformed chain. */
-            vr_vq_unpop(vq);
+            vr_vq_rewind(vq, &c);
             vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);
             break;
         }

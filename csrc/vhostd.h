@@ -25,7 +25,7 @@
 /* cdef-begin */
 
 #define VR_MAX_REGIONS 32       /* memory regions per device */
-#define VR_MAX_QUEUE_SIZE 32768 /* virtio spec limit for split rings */
+#define VR_MAX_QUEUE_SIZE 32768 /* virtio spec limit (split: 2^n; packed: any size) */
 #define VR_MAX_IOV 1024         /* UIO_MAXIOV: longest chain we hand to readv/writev */
 
 /* Address spaces for vr_translate(). */
@@ -39,6 +39,11 @@
 /* Feature bits the datapath looks at (virtio numbering). */
 #define VR_F_CSUM 0
 #define VR_F_GUEST_CSUM 1
+#define VR_F_MTU 3
+#define VR_F_GUEST_TSO4 7
+#define VR_F_GUEST_TSO6 8
+#define VR_F_GUEST_ECN 9
+#define VR_F_GUEST_UFO 10
 #define VR_F_HOST_TSO4 11
 #define VR_F_HOST_TSO6 12
 #define VR_F_HOST_ECN 13
@@ -48,6 +53,10 @@
 #define VR_F_EVENT_IDX 29
 #define VR_F_VERSION_1 32
 #define VR_F_RING_PACKED 34
+#define VR_F_IN_ORDER 35
+#define VR_F_GUEST_USO4 54
+#define VR_F_GUEST_USO6 55
+#define VR_F_HOST_USO 56
 
 /* Why a vq stopped being serviced (vr_vq_stats.broken). 0 = healthy. */
 #define VR_BROKEN_NONE 0
@@ -128,15 +137,36 @@ void vr_qp_free(struct vr_qp *qp);
 int vr_qp_pause(struct vr_qp *qp);
 int vr_qp_resume(struct vr_qp *qp);
 
-/* Negotiated virtio features (VR_F_* bits) and the vnet header length (10 or 12). */
+/*
+ * Negotiated virtio features (VR_F_* bits) and the vnet header length (10 or 12;
+ * 12 required with MRG_RXBUF). RING_PACKED selects the packed ring for both vqs;
+ * changing the ring kind restarts both vqs' ring state (call before SET_VRING_BASE,
+ * as frontends do). The offloads acked here decide which vnet headers TX accepts and
+ * how many RX buffers a mergeable frame may need.
+ */
 int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_len);
+
+/*
+ * The device MTU (VIRTIO_NET_F_MTU / NET_SET_MTU / the TAP's MTU), 68..65535,
+ * default 1500. With MRG_RXBUF and no GUEST_TSO4/TSO6/UFO/USO4/USO6 acked, RX
+ * gathers buffers for mtu + 18 (Ethernet + VLAN) + header bytes per frame; with
+ * any of them, 65550 + header. Paused only.
+ */
+int vr_qp_set_mtu(struct vr_qp *qp, uint32_t mtu);
 
 /* Ring configuration for vq `which` (VR_RX / VR_TX). Paused only. set_num and
  * set_addr drop the current ring mapping: call vr_qp_map afterwards. */
-int vr_qp_set_num(struct vr_qp *qp, int which, uint32_t num);           /* -EINVAL: 0, > max, not 2^n */
+int vr_qp_set_num(struct vr_qp *qp, int which, uint32_t num);           /* -EINVAL: 0, > max, split and not 2^n */
 int vr_qp_set_addr(struct vr_qp *qp, int which, uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva);
-int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base);         /* split: last_avail = used = base */
-int vr_qp_get_base(struct vr_qp *qp, int which, uint32_t *base);        /* split: last_avail_idx */
+/*
+ * SET/GET_VRING_BASE. Split: base = next avail index (bits 0-15; used restarts
+ * there). Packed (vhost-user spec): bits 0-14 next avail slot, bit 15 avail wrap
+ * counter, bits 16-30 next used slot, bit 31 used wrap counter; slots must be
+ * < num. A packed base with bits 16-31 zero (DPDK 22.11 style) sets used = avail.
+ * GET always reports both halves (they are equal: nothing is in flight while parked).
+ */
+int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base);
+int vr_qp_get_base(struct vr_qp *qp, int which, uint32_t *base);
 int vr_qp_set_kick(struct vr_qp *qp, int which, int fd);   /* -1: none. Stops watching the old fd now. */
 int vr_qp_set_call(struct vr_qp *qp, int which, int fd);   /* -1: none */
 int vr_qp_set_err(struct vr_qp *qp, int which, int fd);    /* -1: none; written once when the vq breaks */

@@ -157,38 +157,79 @@ static inline int vr_gather(const struct vr_mem *mem, uint64_t addr, uint64_t le
 /* ---------------------------------------------------------------- queue state */
 
 struct vr_qp;
+struct vr_vq;
+
+struct vring_packed_desc;
+struct vring_packed_event;
 
 struct vr_vq {
     /* configuration: written by the control plane only while the worker is parked */
-    uint32_t num;                       /* 0: not set; else a power of two */
+    uint32_t num;                       /* 0: not set; split: a power of two */
     bool addr_set;
     uint64_t desc_uva, avail_uva, used_uva;
     int kick_fd, call_fd, err_fd;
     bool started, enabled;
+    const struct vr_ring_ops *ops;      /* split or packed, from the features */
 
     /* rings as mapped by vr_qp_map() (host pointers into guest memory) */
     bool mapped;
-    volatile struct vring_desc *desc;
+    volatile struct vring_desc *desc;               /* split */
     volatile struct vring_avail *avail;
     volatile struct vring_used *used;
+    volatile struct vring_packed_desc *pdesc;       /* packed: descriptor ring */
+    volatile struct vring_packed_event *driver_event;  /* packed: driver area */
+    volatile struct vring_packed_event *device_event;  /* packed: device area */
 
     /* device-side ring state (worker-owned while running) */
-    uint16_t last_avail_idx;            /* next avail slot to consume */
-    uint16_t used_idx;                  /* next used slot to fill (shadow of used->idx) */
-    uint16_t published_used_idx;        /* last value stored to used->idx */
-    uint16_t signalled_used;            /* used idx at the last call decision (EVENT_IDX) */
+    uint16_t last_avail_idx;            /* split: free-running; packed: slot < num */
+    uint16_t used_idx;                  /* split: shadow of used->idx; packed: next used slot */
+    uint16_t published_used_idx;        /* split: last value stored to used->idx */
+    uint16_t signalled_used;            /* split: used idx at the last call decision (EVENT_IDX) */
     bool signalled_valid;
+    bool avail_wrap, used_wrap;         /* packed wrap counters (§2.7.1) */
+    bool used_pending;                  /* packed: first used desc of the batch not yet flagged */
+    uint16_t pending_slot, pending_flags;
+    uint16_t device_event_flags;        /* packed: shadow of what we wrote there */
+    uint32_t used_since_signal;         /* packed: descriptors used since the last call decision */
 
     struct vr_vq_stats stats;
 };
 
 /* One popped chain: readable iovecs iov[0..nout), writable iov[nout..niov). */
 struct vr_chain {
-    uint16_t head;
+    uint16_t head;                      /* split: head descriptor; packed: buffer id */
+    uint16_t ndesc;                     /* packed: ring slots the chain occupies */
+    uint32_t pos;                       /* avail position before the pop (rewind target) */
+    unsigned iov_first;                 /* RX stash: where its iovecs start in rx_iov */
     unsigned niov;
     unsigned nout;
     uint64_t out_len;
     uint64_t in_len;
+};
+
+/* pop() results besides 1 (chain) and 0 (ring empty) */
+#define VR_POP_BROKEN (-1)              /* malformed: the vq is now broken */
+#define VR_POP_NOSPACE (-2)             /* chain needs more iovecs than offered; not consumed */
+
+/*
+ * The ring-kind interface the net code is written against (vring_split.c and
+ * vring_packed.c each provide one table; vr_vq_select_ops() picks one per vq from
+ * the negotiated features while the worker is parked). Positions handed to
+ * rewind() come from vr_chain.pos, so a caller can give back any suffix of the
+ * chains it popped (MRG_RXBUF) in one call.
+ */
+struct vr_ring_ops {
+    int (*map)(const struct vr_mem *mem, struct vr_vq *vq);
+    int (*pop)(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
+               struct vr_chain *c);
+    void (*rewind)(struct vr_vq *vq, const struct vr_chain *c);
+    void (*push)(struct vr_vq *vq, const struct vr_chain *c, uint32_t len);
+    void (*flush)(struct vr_qp *qp, struct vr_vq *vq);
+    void (*disable_notify)(struct vr_qp *qp, struct vr_vq *vq);
+    bool (*enable_notify)(struct vr_qp *qp, struct vr_vq *vq);
+    int (*set_base)(struct vr_vq *vq, uint32_t base);
+    uint32_t (*get_base)(const struct vr_vq *vq);
+    void (*init_state)(struct vr_vq *vq);
 };
 
 #define VR_BURST 128                    /* chains per burst before publish + call */
@@ -219,9 +260,18 @@ struct vr_qp {
     bool parked;                        /* worker is parked (under lock) */
     bool stop;                          /* under lock */
 
+    uint32_t mtu;                       /* vr_qp_set_mtu(); 1500 by default */
+    uint32_t rx_need;                   /* MRG_RXBUF: bytes of buffers to gather per frame */
+
     /* per-qp scratch: no allocation per packet */
     struct iovec tx_iov[VR_MAX_IOV];
     struct iovec rx_iov[VR_MAX_IOV];
+    /* RX: chains popped but not yet used, rx_stash[stash_first..+stash_count); their
+     * iovecs are rx_iov[rx_stash[stash_first].iov_first .. stash_iov_end). Given
+     * back (rewound) at the end of every burst, so it is empty while parked. */
+    struct vr_chain rx_stash[VR_MAX_IOV];
+    unsigned stash_first, stash_count, stash_iov_end;
+    uint64_t stash_bytes;
 };
 
 static inline bool vr_has_feature(const struct vr_qp *qp, unsigned bit)
@@ -246,17 +296,43 @@ static inline void vr_hist_add(struct vr_vq_stats *s, unsigned n)
     s->batch_hist[b]++;
 }
 
-/* vring_split.c */
-int vr_vq_map_rings(const struct vr_mem *mem, struct vr_vq *vq);
-int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
-              struct vr_chain *c);
-void vr_vq_unpop(struct vr_vq *vq);
-void vr_vq_push(struct vr_vq *vq, uint16_t head, uint32_t len);
-void vr_vq_flush(struct vr_qp *qp, struct vr_vq *vq);
-void vr_vq_disable_notify(struct vr_qp *qp, struct vr_vq *vq);
-bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq);
+/* vring_split.c / vring_packed.c */
+extern const struct vr_ring_ops vr_split_ops;
+extern const struct vr_ring_ops vr_packed_ops;
 void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail);
-void vr_vq_reset_state(struct vr_vq *vq, uint16_t base);
+void vr_efd_signal(int fd);
+
+/* The ring-kind dispatch: one indirect call, the kind chosen once per vq. */
+static inline int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
+                            unsigned max_iov, struct vr_chain *c)
+{
+    return vq->ops->pop(qp, vq, iov, max_iov, c);
+}
+
+static inline void vr_vq_rewind(struct vr_vq *vq, const struct vr_chain *c)
+{
+    vq->ops->rewind(vq, c);
+}
+
+static inline void vr_vq_push(struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
+{
+    vq->ops->push(vq, c, len);
+}
+
+static inline void vr_vq_flush(struct vr_qp *qp, struct vr_vq *vq)
+{
+    vq->ops->flush(qp, vq);
+}
+
+static inline void vr_vq_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
+{
+    vq->ops->disable_notify(qp, vq);
+}
+
+static inline bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
+{
+    return vq->ops->enable_notify(qp, vq);
+}
 
 /* net_tx.c: true if the burst limit stopped it (more work may be pending). */
 bool vr_tx_process(struct vr_qp *qp);

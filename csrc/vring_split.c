@@ -5,8 +5,8 @@
  * (direct and indirect descriptors, §2.6.5), returning used elements (§2.6.8),
  * and notification suppression in both directions (§2.6.7, §2.6.10, EVENT_IDX).
  *
- * Everything here runs on the worker thread except vr_vq_map_rings() and
- * vr_vq_reset_state(), which the control plane calls while the worker is parked.
+ * Everything here runs on the worker thread except map, set_base and init_state,
+ * which the control plane reaches (through vr_split_ops) while the worker is parked.
  * The guest is hostile: every index is bounds-checked, every walk is bounded by
  * the queue (or indirect table) size, every guest-shared field is read once into a
  * local, every address goes through vr_xlate(). A violation marks the vq broken;
@@ -14,19 +14,8 @@
  */
 #include <errno.h>
 #include <stdint.h>
-#include <unistd.h>
 
 #include "vr_internal.h"
-
-static void vr_efd_signal(int fd)
-{
-    uint64_t one = 1;
-
-    if (fd >= 0) {
-        ssize_t r = write(fd, &one, sizeof(one));
-        (void)r;    /* EAGAIN: the counter is already nonzero, the reader will wake */
-    }
-}
 
 /* Host pointer for a ring part that must lie in one region, aligned as §2.6 requires. */
 static void *vr_map_part(const struct vr_mem *mem, uint64_t uva, uint64_t size, uintptr_t align)
@@ -39,7 +28,7 @@ static void *vr_map_part(const struct vr_mem *mem, uint64_t uva, uint64_t size, 
     return p;
 }
 
-int vr_vq_map_rings(const struct vr_mem *mem, struct vr_vq *vq)
+static int vr_split_map(const struct vr_mem *mem, struct vr_vq *vq)
 {
     void *d, *a, *u;
 
@@ -49,6 +38,8 @@ int vr_vq_map_rings(const struct vr_mem *mem, struct vr_vq *vq)
     vq->used = NULL;
     if (!vq->addr_set || !vq->num)
         return 0;                       /* nothing to map yet: not an error */
+    if (vq->num & (vq->num - 1))
+        return -EINVAL;                 /* §2.6: split queue sizes are powers of two */
     d = vr_map_part(mem, vq->desc_uva, vr_desc_bytes(vq->num), 16);
     a = vr_map_part(mem, vq->avail_uva, vr_avail_bytes(vq->num), 2);
     u = vr_map_part(mem, vq->used_uva, vr_used_bytes(vq->num), 4);
@@ -61,25 +52,28 @@ int vr_vq_map_rings(const struct vr_mem *mem, struct vr_vq *vq)
     return 0;
 }
 
-void vr_vq_reset_state(struct vr_vq *vq, uint16_t base)
+/* vhost-user SET_VRING_BASE for split rings: bits 0-15 are the next avail index
+ * (free-running); the used index restarts there too (nothing is in flight). */
+static int vr_split_set_base(struct vr_vq *vq, uint32_t base)
 {
-    vq->last_avail_idx = base;
-    vq->used_idx = base;
-    vq->published_used_idx = base;
-    vq->signalled_used = base;
+    if (base > 0xffff)
+        return -EINVAL;
+    vq->last_avail_idx = (uint16_t)base;
+    vq->used_idx = (uint16_t)base;
+    vq->published_used_idx = (uint16_t)base;
+    vq->signalled_used = (uint16_t)base;
     vq->signalled_valid = false;
+    return 0;
 }
 
-void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail)
+static uint32_t vr_split_get_base(const struct vr_vq *vq)
 {
-    if (vq->stats.broken)
-        return;
-    vq->stats.broken_detail = detail;
-    vq->stats.drop_bad_desc++;
-    /* Plain store; the control plane reads it racily after the event fd wakes it. */
-    __atomic_store_n(&vq->stats.broken, why, __ATOMIC_RELEASE);
-    vr_efd_signal(vq->err_fd);
-    vr_efd_signal(qp->event_fd);
+    return vq->last_avail_idx;
+}
+
+static void vr_split_init_state(struct vr_vq *vq)
+{
+    vr_split_set_base(vq, 0);
 }
 
 /* Reads one descriptor into a local: each field exactly once (hardening item 4). */
@@ -96,10 +90,11 @@ static inline struct vring_desc vr_read_desc(const volatile struct vring_desc *p
 
 /*
  * Pops the next available chain. Returns 1 with *c and iov filled, 0 if the ring
- * is empty, -1 if the ring or chain is malformed (the vq is now broken and the
- * chain was not consumed). `max_iov` bounds the iovecs (VR_MAX_IOV at most).
+ * is empty, VR_POP_BROKEN if the ring or chain is malformed (the vq is now broken
+ * and the chain was not consumed), VR_POP_NOSPACE if the chain needs more than
+ * `max_iov` iovecs (not consumed; the caller decides whether that is fatal).
  */
-int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
+static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
               struct vr_chain *c)
 {
     const uint16_t num = (uint16_t)vq->num;     /* <= 32768, power of two */
@@ -115,17 +110,19 @@ int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned ma
         return 0;
     if ((uint16_t)(avail_idx - vq->last_avail_idx) > qsize) {
         vr_vq_set_broken(qp, vq, VR_BROKEN_AVAIL_IDX, avail_idx);
-        return -1;
+        return VR_POP_BROKEN;
     }
     /* acquire: the ring entry and descriptors were written before avail->idx. */
     vr_acquire_after_avail_idx();
     head = vr_ld16(&vq->avail->ring[vq->last_avail_idx & (num - 1)]);
     if (head >= qsize) {
         vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, head);
-        return -1;
+        return VR_POP_BROKEN;
     }
 
     c->head = head;
+    c->ndesc = 1;
+    c->pos = vq->last_avail_idx;
     c->niov = c->nout = 0;
     c->out_len = c->in_len = 0;
     i = head;
@@ -173,8 +170,10 @@ int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned ma
             c->out_len += d.len;
         }
         r = vr_gather(qp->mem, d.addr, d.len, iov, &c->niov, max_iov);
+        if (r == -ENOBUFS)
+            return VR_POP_NOSPACE;
         if (r) {
-            why = r == -EFAULT ? VR_BROKEN_ADDR : VR_BROKEN_DESC;
+            why = VR_BROKEN_ADDR;
             goto bad;
         }
         if (!writable)
@@ -193,20 +192,20 @@ int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned ma
 
 bad:
     vr_vq_set_broken(qp, vq, why, head);
-    return -1;
+    return VR_POP_BROKEN;
 }
 
-/* Gives the chain just popped back to the ring (it will be popped again). */
-void vr_vq_unpop(struct vr_vq *vq)
+/* Gives back chain c and every chain popped after it (they will be popped again). */
+static void vr_split_rewind(struct vr_vq *vq, const struct vr_chain *c)
 {
-    vq->last_avail_idx--;
+    vq->last_avail_idx = (uint16_t)c->pos;
 }
 
-void vr_vq_push(struct vr_vq *vq, uint16_t head, uint32_t len)
+static void vr_split_push(struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
 {
     volatile struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (vq->num - 1)];
 
-    e->id = head;
+    e->id = c->head;
     e->len = len;
     vq->used_idx++;
 }
@@ -215,7 +214,7 @@ void vr_vq_push(struct vr_vq *vq, uint16_t head, uint32_t len)
  * Publishes the used elements pushed since the last flush and calls the guest
  * unless it suppressed the interrupt. One call eventfd write per burst at most.
  */
-void vr_vq_flush(struct vr_qp *qp, struct vr_vq *vq)
+static void vr_split_flush(struct vr_qp *qp, struct vr_vq *vq)
 {
     uint16_t new_idx = vq->used_idx;
     bool need;
@@ -250,7 +249,7 @@ void vr_vq_flush(struct vr_qp *qp, struct vr_vq *vq)
 }
 
 /* Ask the guest not to kick while we are draining (§2.6.10). */
-void vr_vq_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
+static void vr_split_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
 {
     /* With EVENT_IDX a stale avail_event already suppresses kicks; flags must stay 0. */
     if (!vr_has_feature(qp, VR_F_EVENT_IDX))
@@ -262,7 +261,7 @@ void vr_vq_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
  * guest may have added buffers after our last look but before seeing the
  * request. True if the ring is not empty after all (caller keeps draining).
  */
-bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
+static bool vr_split_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
 {
     if (vr_has_feature(qp, VR_F_EVENT_IDX))
         vr_st16((volatile uint16_t *)&vq->used->ring[vq->num], vq->last_avail_idx); /* avail_event */
@@ -272,3 +271,16 @@ bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
     vr_full_fence();
     return vr_ld16(&vq->avail->idx) != vq->last_avail_idx;
 }
+
+const struct vr_ring_ops vr_split_ops = {
+    .map = vr_split_map,
+    .pop = vr_split_pop,
+    .rewind = vr_split_rewind,
+    .push = vr_split_push,
+    .flush = vr_split_flush,
+    .disable_notify = vr_split_disable_notify,
+    .enable_notify = vr_split_enable_notify,
+    .set_base = vr_split_set_base,
+    .get_base = vr_split_get_base,
+    .init_state = vr_split_init_state,
+};

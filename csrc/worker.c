@@ -19,6 +19,30 @@
 
 #include "vr_internal.h"
 
+/* --------------------------------------------------- shared by both ring kinds */
+
+void vr_efd_signal(int fd)
+{
+    uint64_t one = 1;
+
+    if (fd >= 0) {
+        ssize_t r = write(fd, &one, sizeof(one));
+        (void)r;    /* EAGAIN: the counter is already nonzero, the reader will wake */
+    }
+}
+
+void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail)
+{
+    if (vq->stats.broken)
+        return;
+    vq->stats.broken_detail = detail;
+    vq->stats.drop_bad_desc++;
+    /* release: the detail is visible before the reason the control plane polls. */
+    __atomic_store_n(&vq->stats.broken, why, __ATOMIC_RELEASE);
+    vr_efd_signal(vq->err_fd);
+    vr_efd_signal(qp->event_fd);
+}
+
 /* ------------------------------------------------------------ epoll set sync */
 
 static void vr_watch_kick(struct vr_qp *qp, int which)
@@ -179,10 +203,38 @@ static bool vr_is_paused(struct vr_qp *qp)
             return -EBUSY;                                              \
     } while (0)
 
-static void vr_vq_init(struct vr_vq *vq)
+static const struct vr_ring_ops *vr_ops_for(uint64_t features)
+{
+    (void)features;
+    return &vr_split_ops;
+}
+
+static void vr_vq_init(struct vr_vq *vq, uint64_t features)
 {
     memset(vq, 0, sizeof(*vq));
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+    vq->ops = vr_ops_for(features);
+    vq->ops->init_state(vq);
+}
+
+/*
+ * Bytes of guest buffers an RX frame may need with MRG_RXBUF: the largest frame
+ * the TAP can hand us with the offloads the guest accepted (TUNSETOFFLOAD only
+ * enables those), plus the vnet header. 65550 covers a 64 KiB GSO frame with its
+ * Ethernet and VLAN headers, as Linux's virtio-net sizes its "big packets".
+ */
+static void vr_qp_update_rx_need(struct vr_qp *qp)
+{
+    const uint64_t gso = (1ull << VR_F_GUEST_TSO4) | (1ull << VR_F_GUEST_TSO6) |
+                         (1ull << VR_F_GUEST_UFO) | (1ull << VR_F_GUEST_USO4) |
+                         (1ull << VR_F_GUEST_USO6);
+    uint32_t frame = qp->mtu + 14 + 4;          /* Ethernet + one VLAN tag */
+
+    if (frame < 1518)
+        frame = 1518;
+    if (qp->features & gso)
+        frame = 65550;
+    qp->rx_need = frame + qp->vnet_hdr_len;
 }
 
 struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
@@ -204,8 +256,10 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
     qp->tap_fd = tap_fd;
     qp->tap_is_socket = tap_fd >= 0 && fstat(tap_fd, &st) == 0 && S_ISSOCK(st.st_mode);
     qp->vnet_hdr_len = 12;
-    vr_vq_init(&qp->vq[VR_RX]);
-    vr_vq_init(&qp->vq[VR_TX]);
+    qp->mtu = 1500;
+    vr_qp_update_rx_need(qp);
+    vr_vq_init(&qp->vq[VR_RX], 0);
+    vr_vq_init(&qp->vq[VR_TX], 0);
     qp->kick_watched[VR_RX] = qp->kick_watched[VR_TX] = -1;
     qp->epfd = epoll_create1(EPOLL_CLOEXEC);
     qp->ctrl_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -300,22 +354,58 @@ int vr_qp_resume(struct vr_qp *qp)
     return r;
 }
 
+/*
+ * Features select the ring kind of both vqs. When the kind changes, the ring
+ * state restarts in the new kind's initial state (packed: wrap counters 1) and
+ * the rings are re-translated with the new layout; a frontend sends SET_FEATURES
+ * before the vring setup, so nothing is lost.
+ */
 int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_len)
 {
+    const struct vr_ring_ops *ops;
+
     VR_CHECK_PAUSED_VQ(qp, VR_RX);
     if (vnet_hdr_len != 10 && vnet_hdr_len != 12)
         return -EINVAL;
+    if (((features >> VR_F_MRG_RXBUF) & 1) && vnet_hdr_len != 12)
+        return -EINVAL;                 /* §5.1.6: num_buffers is part of the header */
     if ((features >> VR_F_RING_PACKED) & 1)
-        return -ENOTSUP;                /* packed rings are not served by this datapath */
+        return -ENOTSUP;
+    ops = vr_ops_for(features);
     qp->features = features;
     qp->vnet_hdr_len = vnet_hdr_len;
+    vr_qp_update_rx_need(qp);
+    for (int w = 0; w < 2; w++) {
+        struct vr_vq *vq = &qp->vq[w];
+
+        if (vq->ops == ops)
+            continue;
+        vq->ops = ops;
+        ops->init_state(vq);
+        if (vq->addr_set)
+            ops->map(qp->mem, vq);
+    }
     return 0;
 }
 
+int vr_qp_set_mtu(struct vr_qp *qp, uint32_t mtu)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    if (mtu < 68 || mtu > 65535)
+        return -EINVAL;
+    qp->mtu = mtu;
+    vr_qp_update_rx_need(qp);
+    return 0;
+}
+
+/* Split rings need a power of two (checked again when mapping, in case the
+ * features change afterwards); packed rings any size up to 32768. */
 int vr_qp_set_num(struct vr_qp *qp, int which, uint32_t num)
 {
     VR_CHECK_PAUSED_VQ(qp, which);
-    if (num == 0 || num > VR_MAX_QUEUE_SIZE || (num & (num - 1)))
+    if (num == 0 || num > VR_MAX_QUEUE_SIZE)
+        return -EINVAL;
+    if (qp->vq[which].ops == &vr_split_ops && (num & (num - 1)))
         return -EINVAL;
     qp->vq[which].num = num;
     qp->vq[which].mapped = false;       /* ring sizes changed: vr_qp_map() again */
@@ -340,10 +430,7 @@ int vr_qp_set_addr(struct vr_qp *qp, int which, uint64_t desc_uva, uint64_t avai
 int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base)
 {
     VR_CHECK_PAUSED_VQ(qp, which);
-    if (base > 0xffff)
-        return -EINVAL;                 /* split rings: 16-bit indices */
-    vr_vq_reset_state(&qp->vq[which], (uint16_t)base);
-    return 0;
+    return qp->vq[which].ops->set_base(&qp->vq[which], base);
 }
 
 int vr_qp_get_base(struct vr_qp *qp, int which, uint32_t *base)
@@ -351,7 +438,7 @@ int vr_qp_get_base(struct vr_qp *qp, int which, uint32_t *base)
     VR_CHECK_PAUSED_VQ(qp, which);
     if (!base)
         return -EINVAL;
-    *base = qp->vq[which].last_avail_idx;
+    *base = qp->vq[which].ops->get_base(&qp->vq[which]);
     return 0;
 }
 
@@ -401,7 +488,7 @@ int vr_qp_map(struct vr_qp *qp)
 
     VR_CHECK_PAUSED_VQ(qp, VR_RX);
     for (int w = 0; w < 2; w++) {
-        r = vr_vq_map_rings(qp->mem, &qp->vq[w]);
+        r = qp->vq[w].ops->map(qp->mem, &qp->vq[w]);
         if (r < 0 && ret == 0)
             ret = r;
     }
@@ -423,7 +510,7 @@ int vr_qp_reset_vq(struct vr_qp *qp, int which)
         epoll_ctl(qp->epfd, EPOLL_CTL_DEL, qp->kick_watched[which], NULL);
         qp->kick_watched[which] = -1;
     }
-    vr_vq_init(&qp->vq[which]);
+    vr_vq_init(&qp->vq[which], qp->features);
     return 0;
 }
 

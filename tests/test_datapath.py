@@ -46,6 +46,12 @@ F_TSO4 = bit(lib.VR_F_HOST_TSO4)
 F_TSO6 = bit(lib.VR_F_HOST_TSO6)
 F_UFO = bit(lib.VR_F_HOST_UFO)
 F_ECN = bit(lib.VR_F_HOST_ECN)
+F_USO = bit(lib.VR_F_HOST_USO)
+F_MRG = bit(lib.VR_F_MRG_RXBUF)
+F_GUEST_TSO4 = bit(lib.VR_F_GUEST_TSO4)
+F_GUEST_TSO6 = bit(lib.VR_F_GUEST_TSO6)
+F_GUEST_UFO = bit(lib.VR_F_GUEST_UFO)
+F_GUEST_USO4 = bit(lib.VR_F_GUEST_USO4)
 
 STAT_FIELDS = ("packets", "bytes", "drop_ring_full", "drop_tap_busy", "drop_tap_error",
                "drop_bad_desc", "drop_bad_hdr", "drop_disabled", "kicks", "calls",
@@ -553,6 +559,158 @@ def test_rx_not_read_when_disabled(make_dev):
         lib.vr_qp_set_enabled(d.qp, lib.VR_RX, 1)
     [u] = d.rx.wait_used(1)
     assert u.data[12:] == eth_frame(60)
+
+
+# ------------------------------------------------------------ MRG_RXBUF
+
+def mrg_frames(ring, n, timeout=5.0):
+    """Reassemble n mergeable frames from used entries: (num_buffers, [lens], bytes)."""
+    used = []
+    deadline = time.monotonic() + timeout
+    frames = []
+    while len(frames) < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{len(frames)}/{n} frames"
+        used += ring.wait_used(1, timeout=left) if not used else ring.get_used()
+        while used:
+            nb = parse_net_hdr(used[0].data[:12]).num_buffers
+            assert nb >= 1
+            if len(used) < nb:
+                break
+            part, used = used[:nb], used[nb:]
+            frames.append((nb, [u.len for u in part], b"".join(u.data for u in part)))
+        if len(frames) < n and not used:
+            time.sleep(0.001)
+    assert not used
+    return frames
+
+
+def test_rx_mrg_frame_spread_and_rewind(make_dev):
+    d = make_dev(features=F_V1 | F_MRG)
+    with d.paused():
+        assert lib.vr_qp_set_mtu(d.qp, 9000) == 0
+    for _ in range(12):
+        d.rx.add_in([1000])                            # 12000 bytes >= 9018 + 12
+    assert d.rx.publish_and_kick()
+    frame = net_hdr(num_buffers=0x5555) + eth_frame(3000, 11)
+    d.peer.send(frame)
+    [(nb, lens, data)] = mrg_frames(d.rx, 1)
+    assert nb == 4 and lens == [1000, 1000, 1000, 12]
+    assert data == frame[:10] + b"\x04\x00" + frame[12:]
+    # the 8 chains gathered but not filled were given back: the next frame starts there
+    assert d.get_base(lib.VR_RX) == 4
+    assert d.rx.used_idx() == 4
+    d.peer.send(net_hdr() + eth_frame(100, 12))
+    [(nb, lens, data)] = mrg_frames(d.rx, 1)
+    assert nb == 1 and lens == [112] and data[12:] == eth_frame(100, 12)
+    assert d.get_base(lib.VR_RX) == 5
+    s = d.stats(lib.VR_RX)
+    assert s["packets"] == 2 and s["bytes"] == 3100 and s["drop_ring_full"] == 0
+
+
+def test_rx_mrg_frame_fits_exactly_and_multi_buffer_chains(make_dev):
+    d = make_dev(features=F_V1 | F_MRG | F_INDIRECT)
+    for i in range(6):
+        d.rx.add_in([12, 300, 188], indirect=bool(i & 1))      # 500-byte chains
+    d.rx.publish_and_kick()
+    frame = net_hdr() + eth_frame(988, 13)                     # 1000 = exactly 2 chains
+    d.peer.send(frame)
+    [(nb, lens, data)] = mrg_frames(d.rx, 1)
+    assert nb == 2 and lens == [500, 500]
+    assert data == frame[:10] + b"\x02\x00" + frame[12:]
+    assert d.get_base(lib.VR_RX) == 2
+
+
+def test_rx_mrg_64k_gso_frames(make_dev):
+    d = make_dev(features=F_V1 | F_MRG | F_GUEST_TSO4 | F_GUEST_TSO6)
+    d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+    d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+    for _ in range(120):
+        d.rx.add_in([1536])
+    d.rx.publish_and_kick()
+    sizes = [65550, 65535 + 14, 1500, 64, 30000, 65550]
+    hdr = net_hdr(flags=1, gso_type=1, hdr_len=66, gso_size=1448, csum_start=34, csum_offset=16)
+    frames = [hdr + eth_frame(n, 20 + i) for i, n in enumerate(sizes)]
+    got = []
+    for f in frames:
+        d.peer.send(f)
+        got += mrg_frames(d.rx, 1)
+        while d.rx.outstanding < 120:
+            d.rx.add_in([1536])
+        d.rx.publish_and_kick()
+    for (nb, lens, data), f in zip(got, frames):
+        assert nb == -(-len(f) // 1536)
+        assert sum(lens) == len(f) and all(x == 1536 for x in lens[:-1])
+        assert data == f[:10] + struct.pack("<H", nb) + f[12:]          # TAP header kept
+    s = d.stats(lib.VR_RX)
+    assert s["packets"] == len(sizes) and s["drop_ring_full"] == 0 and s["broken"] == 0
+
+
+def test_rx_mrg_need_follows_features(make_dev):
+    """Without GSO offloads the largest frame is MTU-bound: a bigger one is dropped
+    after the (MTU-sized) gather, and its chains are reused."""
+    d = make_dev(features=F_V1 | F_MRG)
+    for _ in range(8):
+        d.rx.add_in([1024])
+    d.rx.publish_and_kick()
+    d.peer.send(net_hdr() + eth_frame(4000, 1))        # > 1518 + 12 gathered: dropped
+    d.peer.send(net_hdr() + eth_frame(1514, 2))
+    [(nb, lens, data)] = mrg_frames(d.rx, 1)
+    assert nb == 2 and lens == [1024, 502] and data[12:] == eth_frame(1514, 2)
+    assert d.stats(lib.VR_RX)["drop_ring_full"] == 1
+    assert d.get_base(lib.VR_RX) == 2
+
+
+def test_rx_mrg_short_ring(make_dev):
+    """Fewer buffers posted than the largest frame needs: small frames still go
+    through (read with what the ring holds); a frame too big for it is dropped."""
+    d = make_dev(features=F_V1 | F_MRG | F_GUEST_TSO4)
+    d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    for _ in range(3):
+        d.rx.add_in([1024])
+    d.rx.publish_and_kick()
+    d.peer.send(net_hdr() + eth_frame(5000, 3))        # 5012 > 3072 posted: dropped
+    d.peer.send(net_hdr() + eth_frame(1800, 4))
+    [(nb, lens, data)] = mrg_frames(d.rx, 1)
+    assert nb == 2 and data[12:] == eth_frame(1800, 4)
+    s = d.stats(lib.VR_RX)
+    assert s["drop_ring_full"] == 1 and s["packets"] == 1
+    assert d.get_base(lib.VR_RX) == 2
+
+
+def test_rx_mrg_burst_order_and_eagain_rewind(make_dev):
+    d = make_dev(features=F_V1 | F_MRG | F_EVENT_IDX)
+    d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    for _ in range(200):
+        d.rx.add_in([256])
+    d.rx.publish_and_kick()
+    wait_for(lambda: d.stats(lib.VR_RX)["kicks"] >= 1)
+    time.sleep(0.02)
+    assert d.get_base(lib.VR_RX) == 0                  # gathered, EAGAIN, all given back
+    rnd = random.Random(5)
+    sizes = [rnd.randrange(14, 1515) for _ in range(60)]
+    for i, n in enumerate(sizes):
+        d.peer.send(net_hdr() + eth_frame(n, i))
+    got = []
+    while len(got) < len(sizes):
+        got += mrg_frames(d.rx, 1)
+        while d.rx.outstanding < 200:
+            d.rx.add_in([256])
+        d.rx.publish_and_kick()
+    assert [g[2][12:] for g in got] == [eth_frame(n, i) for i, n in enumerate(sizes)]
+    assert [g[0] for g in got] == [-(-(n + 12) // 256) for n in sizes]
+    assert d.get_base(lib.VR_RX) == sum(g[0] for g in got) & 0xFFFF
+
+
+def test_mrg_requires_12_byte_header(make_dev):
+    d = make_dev()
+    with d.paused():
+        assert lib.vr_qp_set_features(d.qp, F_MRG, 10) == -22
+        assert lib.vr_qp_set_features(d.qp, F_MRG, 12) == 0
+        assert lib.vr_qp_set_mtu(d.qp, 67) == -22
+        assert lib.vr_qp_set_mtu(d.qp, 65536) == -22
+        assert lib.vr_qp_set_mtu(d.qp, 68) == 0
 
 
 # --------------------------------------------------------- notifications

@@ -7,6 +7,8 @@
  * handed to the TAP as iov[0]; the frame bytes go from guest memory straight into
  * writev() (zero copy in userspace). Its layout equals the TAP's vnet header once
  * TUNSETVNETHDRSZ matches vnet_hdr_len (10, or 12 with VERSION_1/MRG_RXBUF).
+ * Frames up to 64 KiB + Ethernet + VLAN pass (GSO), over up to VR_MAX_IOV - 1
+ * guest segments.
  *
  * A chain is always returned used (len 0: the device wrote nothing), whether it
  * was sent or dropped. Bursts are bounded (VR_BURST) so RX is never starved.
@@ -22,10 +24,19 @@
 #define VNET_HDR_GSO_TCPV4 1
 #define VNET_HDR_GSO_UDP 3
 #define VNET_HDR_GSO_TCPV6 4
+#define VNET_HDR_GSO_UDP_L4 5
 #define VNET_HDR_GSO_ECN 0x80
 
 #define ETH_HLEN 14
 #define VR_TX_MAX_FRAME (65535u + 14u + 4u)
+#define VR_IPV4_HLEN 20u                /* smallest network headers Linux assumes */
+#define VR_IPV6_HLEN 40u
+#define VR_TCP_HLEN 20u
+#define VR_UDP_HLEN 8u
+#define VR_TCP_CSUM_OFF 16u             /* offsetof(struct tcphdr, check) */
+#define VR_UDP_CSUM_OFF 6u              /* offsetof(struct udphdr, check) */
+#define VR_UDP_MAX_SEGMENTS 128u        /* Linux UDP_MAX_SEGMENTS (6.x) */
+#define VR_GSO_BY_FRAGS 0xffffu         /* a Linux-internal gso_size, never valid on the wire */
 
 struct vr_vnet_hdr {
     uint8_t flags;
@@ -52,49 +63,101 @@ static void vr_iov_copy_out(void *dst, const struct iovec *iov, unsigned niov, s
     }
 }
 
-/* Validates and sanitizes the local header copy for a frame of `frame_len` bytes. */
+static inline uint32_t vr_max32(uint32_t a, uint32_t b)
+{
+    return a > b ? a : b;
+}
+
+/*
+ * Validates and sanitizes the local header copy for a frame of `frame_len` bytes
+ * (virtio 1.2 §5.1.6.2, plus what tun's virtio_net_hdr_to_skb() refuses, so that
+ * a malformed header is counted here instead of vanishing in the kernel):
+ *  - flags: only NEEDS_CSUM (DATA_VALID / RSC_INFO are device-to-driver only),
+ *    and only with VIRTIO_NET_F_CSUM; then csum_start + max(L4 header,
+ *    csum_offset + 2) and max(L3 minimum, csum_start) + L4 header fit the frame;
+ *  - gso_type: NONE, TCPV4 (HOST_TSO4), TCPV6 (HOST_TSO6), UDP (HOST_UFO),
+ *    UDP_L4 (HOST_USO), each only if acked; the ECN bit only on TCP with
+ *    HOST_ECN; anything else is refused;
+ *  - GSO: gso_size in 1..65534, hdr_len <= frame; TCP and UDP_L4 need
+ *    NEEDS_CSUM with the checksum field of their L4 header; UDP_L4 at most 128
+ *    segments. (Linux accepts TCP GSO without NEEDS_CSUM only after a flow
+ *    dissection we do not repeat; no guest sends it, so we refuse it.)
+ * Fields without meaning for the chosen offloads are zeroed.
+ */
 static bool vr_tx_hdr_ok(const struct vr_qp *qp, struct vr_vnet_hdr *h, uint32_t frame_len)
 {
-    uint8_t gso = h->gso_type & (uint8_t)~VNET_HDR_GSO_ECN;
+    const uint8_t gso = h->gso_type & (uint8_t)~VNET_HDR_GSO_ECN;
+    const bool ecn = h->gso_type & VNET_HDR_GSO_ECN;
+    const bool csum = h->flags & VNET_HDR_F_NEEDS_CSUM;
+    uint32_t thlen, nh_min = VR_IPV4_HLEN, p_off = 0;
+    bool tcp = false;
 
-    if (h->flags & ~VNET_HDR_F_NEEDS_CSUM)      /* DATA_VALID / RSC_INFO are RX-only */
+    if (h->flags & ~VNET_HDR_F_NEEDS_CSUM)
         return false;
-    if (h->flags & VNET_HDR_F_NEEDS_CSUM) {
-        if (!vr_has_feature(qp, VR_F_CSUM))
-            return false;
-        if ((uint32_t)h->csum_start + h->csum_offset + 2u > frame_len)
-            return false;
-    } else {
-        h->csum_start = 0;
-        h->csum_offset = 0;
-    }
-
     switch (gso) {
     case VNET_HDR_GSO_NONE:
-        if (h->gso_type & VNET_HDR_GSO_ECN)
-            return false;
-        h->gso_size = 0;
-        h->hdr_len = 0;
+        thlen = 0;
         break;
     case VNET_HDR_GSO_TCPV4:
         if (!vr_has_feature(qp, VR_F_HOST_TSO4))
             return false;
-        goto gso_common;
+        thlen = VR_TCP_HLEN;
+        tcp = true;
+        break;
     case VNET_HDR_GSO_TCPV6:
         if (!vr_has_feature(qp, VR_F_HOST_TSO6))
             return false;
-        goto gso_common;
+        thlen = VR_TCP_HLEN;
+        nh_min = VR_IPV6_HLEN;
+        tcp = true;
+        break;
     case VNET_HDR_GSO_UDP:
         if (!vr_has_feature(qp, VR_F_HOST_UFO))
             return false;
-    gso_common:
-        if ((h->gso_type & VNET_HDR_GSO_ECN) && !vr_has_feature(qp, VR_F_HOST_ECN))
+        thlen = VR_UDP_HLEN;
+        break;
+    case VNET_HDR_GSO_UDP_L4:
+        if (!vr_has_feature(qp, VR_F_HOST_USO))
             return false;
-        if (h->gso_size == 0 || h->hdr_len > frame_len)
-            return false;
+        thlen = VR_UDP_HLEN;
         break;
     default:
         return false;
+    }
+    if (ecn && (!tcp || !vr_has_feature(qp, VR_F_HOST_ECN)))
+        return false;
+
+    if (csum) {
+        uint32_t start = h->csum_start, off = h->csum_offset;
+
+        if (!vr_has_feature(qp, VR_F_CSUM))
+            return false;
+        if (start + vr_max32(thlen, off + 2u) > frame_len)
+            return false;
+        p_off = vr_max32(nh_min, start) + thlen;
+        if (p_off > frame_len)
+            return false;
+    } else {
+        h->csum_start = 0;
+        h->csum_offset = 0;
+        if (tcp || gso == VNET_HDR_GSO_UDP_L4)
+            return false;
+        if (gso == VNET_HDR_GSO_UDP && frame_len < ETH_HLEN + VR_IPV4_HLEN + VR_UDP_HLEN)
+            return false;
+    }
+
+    if (gso == VNET_HDR_GSO_NONE) {
+        h->gso_size = 0;
+        h->hdr_len = 0;
+    } else {
+        if (h->gso_size == 0 || h->gso_size == VR_GSO_BY_FRAGS || h->hdr_len > frame_len)
+            return false;
+        if (tcp && h->csum_offset != VR_TCP_CSUM_OFF)
+            return false;
+        if (gso == VNET_HDR_GSO_UDP_L4 &&
+            (h->csum_offset != VR_UDP_CSUM_OFF ||
+             frame_len - p_off > (uint32_t)h->gso_size * VR_UDP_MAX_SEGMENTS))
+            return false;
     }
     h->num_buffers = 0;                 /* TX: must be 0; the TAP ignores it anyway */
     return true;

@@ -346,44 +346,105 @@ def test_tx_bursts_are_bounded(make_dev):
     assert s["batch_hist"][7] >= 4
 
 
+def tso(gso_type=1, gso_size=1448, hdr_len=66, csum_start=34, csum_offset=16, flags=1):
+    return dict(flags=flags, gso_type=gso_type, gso_size=gso_size, hdr_len=hdr_len,
+                csum_start=csum_start, csum_offset=csum_offset)
+
+
+def uso(**kw):
+    return tso(**{"gso_type": 5, "hdr_len": 42, "csum_offset": 6, **kw})
+
+
+F_TCP4 = F_CSUM | F_TSO4
+F_TCP6 = F_CSUM | F_TSO6
+F_ALL = F_CSUM | F_TSO4 | F_TSO6 | F_UFO | F_ECN | F_USO
+MAXF = 65535 + 18                      # 64 KiB + Ethernet + VLAN
+
 HDR_CASES = [
     # (features, hdr kwargs, frame len, accepted)
+    # --- checksum offload
     (0, dict(flags=1, csum_start=14, csum_offset=16), 100, False),      # NEEDS_CSUM w/o CSUM
     (F_CSUM, dict(flags=1, csum_start=14, csum_offset=16), 100, True),
     (F_CSUM, dict(flags=1, csum_start=90, csum_offset=9), 100, False),  # past the end
     (F_CSUM, dict(flags=1, csum_start=90, csum_offset=8), 100, True),   # exactly fits
+    (F_CSUM, dict(flags=1, csum_start=0, csum_offset=0), 19, False),    # shorter than an IPv4 header
+    (F_CSUM, dict(flags=1, csum_start=0, csum_offset=0), 20, True),
+    (F_CSUM, dict(flags=1, csum_start=0xFFFF, csum_offset=0xFFFF), 100, False),  # no u16 wrap
     (F_CSUM, dict(flags=2), 100, False),                                 # DATA_VALID is RX-only
-    (0, dict(gso_type=1, gso_size=1448, hdr_len=54), 100, False),        # TSO4 not negotiated
-    (F_TSO4, dict(gso_type=1, gso_size=1448, hdr_len=54), 100, True),
-    (F_TSO4, dict(gso_type=1, gso_size=0, hdr_len=54), 100, False),
-    (F_TSO4, dict(gso_type=1, gso_size=1448, hdr_len=101), 100, False),
-    (F_TSO4, dict(gso_type=4, gso_size=1448, hdr_len=54), 100, False),   # TSO6 not negotiated
-    (F_TSO6, dict(gso_type=4, gso_size=1448, hdr_len=74), 100, True),
-    (F_UFO, dict(gso_type=3, gso_size=1448, hdr_len=42), 100, True),
-    (F_TSO4, dict(gso_type=0x81, gso_size=1448, hdr_len=54), 100, False),  # ECN w/o HOST_ECN
-    (F_TSO4 | F_ECN, dict(gso_type=0x81, gso_size=1448, hdr_len=54), 100, True),
-    (F_ECN, dict(gso_type=0x80), 100, False),
-    (F_TSO4 | F_TSO6 | F_UFO, dict(gso_type=5, gso_size=1448), 100, False),  # USO: never
+    (F_CSUM, dict(flags=4), 100, False),                                 # RSC_INFO is RX-only
+    (F_ALL, dict(flags=0x81), 100, False),                               # unknown flag bit
+    # --- TCP segmentation
+    (F_TCP4, tso(), 3000, True),
+    (F_TCP4, tso(), MAXF, True),                                         # 64 KiB GSO frame
+    (F_TCP4, tso(), MAXF + 1, False),
+    (F_TSO4, tso(), 3000, False),                                        # NEEDS_CSUM w/o CSUM
+    (F_CSUM, tso(), 3000, False),                                        # TSO4 not negotiated
+    (F_TCP4, tso(flags=0, csum_start=0, csum_offset=0), 3000, False),    # TCP GSO w/o NEEDS_CSUM
+    (F_TCP4, tso(csum_offset=6), 3000, False),                           # not tcphdr.check
+    (F_TCP4, tso(gso_size=0), 3000, False),
+    (F_TCP4, tso(gso_size=0xFFFF), 3000, False),                         # GSO_BY_FRAGS
+    (F_TCP4, tso(gso_size=0xFFFE), 3000, True),                          # > frame: not really GSO, fine
+    (F_TCP4, tso(hdr_len=3001), 3000, False),
+    (F_TCP4, tso(hdr_len=3000), 3000, True),
+    (F_TCP4, tso(hdr_len=0), 53, False),                                 # csum_start + tcphdr > frame
+    (F_TCP4, tso(hdr_len=0), 54, True),
+    (F_TCP4, tso(gso_type=4), 3000, False),                              # TSO6 not negotiated
+    (F_TCP6, tso(gso_type=4, csum_start=54, hdr_len=74), 3000, True),
+    (F_TCP6, tso(gso_type=4, csum_start=14, hdr_len=0), 59, False),      # < IPv6 hdr + tcphdr
+    (F_TCP6, tso(gso_type=4, csum_start=14, hdr_len=0), 60, True),
+    (F_TCP4, tso(gso_type=0x81), 3000, False),                           # ECN w/o HOST_ECN
+    (F_TCP4 | F_ECN, tso(gso_type=0x81), 3000, True),
+    (F_TCP6 | F_ECN, tso(gso_type=0x84, csum_start=54), 3000, True),
+    (F_ALL, dict(gso_type=0x80), 100, False),                            # ECN without GSO
+    # --- UDP fragmentation (UFO) and segmentation (USO)
+    (F_UFO, dict(gso_type=3, gso_size=1472, hdr_len=42), 3000, True),    # UFO w/o NEEDS_CSUM
+    (F_UFO, dict(gso_type=3, gso_size=1472, hdr_len=42), 41, False),
+    (F_CSUM | F_UFO, tso(gso_type=3, csum_offset=6, hdr_len=42), 3000, True),
+    (F_CSUM | F_TSO4, tso(gso_type=3, csum_offset=6), 3000, False),      # UFO not negotiated
+    (F_ALL, tso(gso_type=0x83, csum_offset=6), 3000, False),             # ECN on UDP
+    (F_CSUM | F_USO, uso(), 3000, True),
+    (F_CSUM | F_USO, uso(), MAXF, True),
+    (F_CSUM | F_TSO4 | F_TSO6 | F_UFO, uso(), 3000, False),              # HOST_USO not acked
+    (F_CSUM | F_USO, uso(csum_offset=16), 3000, False),                  # not udphdr.check
+    (F_CSUM | F_USO, uso(flags=0, csum_start=0, csum_offset=0), 3000, False),
+    (F_CSUM | F_USO, uso(gso_size=100), 42 + 12800, True),               # 128 segments
+    (F_CSUM | F_USO, uso(gso_size=100), 42 + 12801, False),              # 129
+    (F_ALL | F_ECN, uso(gso_type=0x85), 3000, False),
+    # --- unknown gso types
+    (F_ALL, tso(gso_type=2), 3000, False),
+    (F_ALL, tso(gso_type=6), 3000, False),
+    (F_ALL, tso(gso_type=0x41), 3000, False),
+    # --- frame length
     (0, dict(), 13, False),                                               # runt
     (0, dict(), 14, True),
-    (0, dict(), 65535 + 18, True),
-    (0, dict(), 65535 + 19, False),
+    (0, dict(), MAXF, True),
+    (0, dict(), MAXF + 1, False),
 ]
 
 
 @pytest.mark.parametrize("features,hkw,flen,ok", HDR_CASES)
 def test_tx_header_validation(make_dev, features, hkw, flen, ok):
-    d = make_dev(features=F_V1 | features)
-    d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    d = make_dev(features=F_V1 | F_INDIRECT | features)
+    d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+    d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
     hdr = net_hdr(**hkw)
     frame = eth_frame(flen, 7) if flen >= 14 else b"\x00" * flen
-    d.send([hdr[:5], hdr[5:] + frame[:10], frame[10:]])
+    if flen > 4096:                     # big GSO frames: many segments, as a guest posts them
+        segs = [hdr[:5], hdr[5:] + frame[:10]] + [frame[i:i + 4096] for i in range(10, flen, 4096)]
+        d.send(segs, indirect=True)
+    else:
+        d.send([hdr[:5], hdr[5:] + frame[:10], frame[10:]])
     d.tx.wait_used(1)
     s = d.stats(lib.VR_TX)
     if ok:
         got = d.recv_tap()
         assert got[12:] == frame
-        assert parse_net_hdr(got[:12]) == parse_net_hdr(hdr)
+        want = parse_net_hdr(hdr)
+        if not want.flags & 1:
+            want = want._replace(csum_start=0, csum_offset=0)
+        if not want.gso_type:
+            want = want._replace(hdr_len=0, gso_size=0)
+        assert parse_net_hdr(got[:12]) == want
         assert s["packets"] == 1 and s["drop_bad_hdr"] == 0
     else:
         assert d.tap_empty()

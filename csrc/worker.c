@@ -205,8 +205,7 @@ static bool vr_is_paused(struct vr_qp *qp)
 
 static const struct vr_ring_ops *vr_ops_for(uint64_t features)
 {
-    (void)features;
-    return &vr_split_ops;
+    return (features >> VR_F_RING_PACKED) & 1 ? &vr_packed_ops : &vr_split_ops;
 }
 
 static void vr_vq_init(struct vr_vq *vq, uint64_t features)
@@ -369,8 +368,6 @@ int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_le
         return -EINVAL;
     if (((features >> VR_F_MRG_RXBUF) & 1) && vnet_hdr_len != 12)
         return -EINVAL;                 /* §5.1.6: num_buffers is part of the header */
-    if ((features >> VR_F_RING_PACKED) & 1)
-        return -ENOTSUP;
     ops = vr_ops_for(features);
     qp->features = features;
     qp->vnet_hdr_len = vnet_hdr_len;

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from vhostd._native import ffi, lib
 
 from tests.driver import GuestMemory, SplitRing, net_hdr, parse_net_hdr
+from tests.driver.packed import PackedRing
 from tests.driver.constants import (
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
@@ -47,6 +48,7 @@ F_TSO6 = bit(lib.VR_F_HOST_TSO6)
 F_UFO = bit(lib.VR_F_HOST_UFO)
 F_ECN = bit(lib.VR_F_HOST_ECN)
 F_USO = bit(lib.VR_F_HOST_USO)
+F_PACKED = bit(lib.VR_F_RING_PACKED)
 F_MRG = bit(lib.VR_F_MRG_RXBUF)
 F_GUEST_TSO4 = bit(lib.VR_F_GUEST_TSO4)
 F_GUEST_TSO6 = bit(lib.VR_F_GUEST_TSO6)
@@ -101,8 +103,9 @@ class Dev:
         self.qp = lib.vr_qp_new(self.cmem, self.tap.fileno())
         assert self.qp != ffi.NULL
         ev = bool(features & F_EVENT_IDX)
-        self.rx = SplitRing(self.mem, num, event_idx=ev, region=ring_region)
-        self.tx = SplitRing(self.mem, num, event_idx=ev, region=ring_region)
+        ring_cls = PackedRing if features & F_PACKED else SplitRing
+        self.rx = ring_cls(self.mem, num, event_idx=ev, region=ring_region)
+        self.tx = ring_cls(self.mem, num, event_idx=ev, region=ring_region)
         self.rings = {lib.VR_RX: self.rx, lib.VR_TX: self.tx}
         self.kick_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
         self.call_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
@@ -114,7 +117,9 @@ class Dev:
                 assert lib.vr_qp_set_num(self.qp, w, num) == 0
                 assert lib.vr_qp_set_addr(self.qp, w, ring.desc_uva, ring.avail_uva,
                                           ring.used_uva) == 0
-                assert lib.vr_qp_set_base(self.qp, w, 0) == 0
+                # packed: avail slot 0 with wrap counter 1 (as DPDK virtio-user sends it)
+                base = 0x8000 if features & F_PACKED else 0
+                assert lib.vr_qp_set_base(self.qp, w, base) == 0
                 assert lib.vr_qp_set_kick(self.qp, w, self.kick_fd[w]) == 0
                 assert lib.vr_qp_set_call(self.qp, w, self.call_fd[w]) == 0
                 assert lib.vr_qp_set_err(self.qp, w, self.err_fd[w]) == 0

@@ -70,7 +70,7 @@ REQUEST_TABLE: dict[Request, Row] = {
     R.GET_QUEUE_NUM: Row("get_queue_num", unpack_empty, reply=_ALWAYS),
     R.SET_VRING_ENABLE: Row("set_vring_enable", VringState.unpack, vring=True),
     R.SEND_RARP: Row(None, unpack_raw),
-    R.NET_SET_MTU: Row(None, unpack_raw),
+    R.NET_SET_MTU: Row("net_set_mtu", unpack_u64),
     R.SET_BACKEND_REQ_FD: Row(None, unpack_raw, fds=(0, 1)),
     R.IOTLB_MSG: Row(None, unpack_raw),
     R.SET_VRING_ENDIAN: Row(None, unpack_raw),

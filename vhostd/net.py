@@ -22,6 +22,13 @@ from vhostd.vring import Vring
 log = logging.getLogger(__name__)
 
 # virtio feature bits (virtio 1.2 §5.1.3, §6)
+F_GUEST_CSUM = 1
+F_GUEST_TSO4 = 7
+F_GUEST_TSO6 = 8
+F_GUEST_ECN = 9
+F_GUEST_UFO = 10
+F_GUEST_USO4 = 54
+F_GUEST_USO6 = 55
 F_MQ = 22
 F_INDIRECT_DESC = 28
 F_EVENT_IDX = 29
@@ -33,6 +40,7 @@ FEATURE_NAMES = {
     10: "GUEST_UFO", 11: "HOST_TSO4", 12: "HOST_TSO6", 13: "HOST_ECN", 14: "HOST_UFO",
     15: "MRG_RXBUF", 22: "MQ", 26: "LOG_ALL", 28: "INDIRECT_DESC", 29: "EVENT_IDX",
     30: "PROTOCOL_FEATURES", 32: "VERSION_1", 34: "RING_PACKED", 35: "IN_ORDER",
+    54: "GUEST_USO4", 55: "GUEST_USO6", 56: "HOST_USO",
 }
 
 
@@ -40,14 +48,81 @@ def feature_names(features: int, names: dict[int, str] = FEATURE_NAMES) -> list[
     return [names.get(b, f"bit{b}") for b in range(64) if features >> b & 1]
 
 
-def offered_features(queue_pairs: int) -> int:
-    features = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX) | bit(F_PROTOCOL_FEATURES)
+F_CSUM = 0
+F_MTU = 3
+F_HOST_TSO4 = 11
+F_HOST_TSO6 = 12
+F_HOST_ECN = 13
+F_HOST_UFO = 14
+F_RING_PACKED = 34
+F_HOST_USO = 56
+
+# What the datapath implements for every guest (the USO bits are added when the host's
+# TAP supports them, MTU when the port has one configured, MQ with several queue pairs).
+DATAPATH_FEATURES = sum(bit(b) for b in (
+    F_VERSION_1, F_INDIRECT_DESC, F_EVENT_IDX, F_MRG_RXBUF, F_RING_PACKED,
+    F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO,
+    F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO,
+))
+USO_FEATURES = bit(F_GUEST_USO4) | bit(F_GUEST_USO6) | bit(F_HOST_USO)
+
+
+def offered_features(queue_pairs: int, mtu: bool = False, uso: bool = False) -> int:
+    features = DATAPATH_FEATURES | bit(F_PROTOCOL_FEATURES)
     if queue_pairs > 1:
         features |= bit(F_MQ)
+    if mtu:
+        features |= bit(F_MTU)
+    if uso:
+        features |= USO_FEATURES
     return features
 
 
-OFFERED_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.STATUS)
+OFFERED_PROTOCOL_FEATURES = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.STATUS)
+                             | bit(ProtocolFeature.NET_MTU))
+
+
+# Guest receive offloads -> what the TAP may hand us (TUNSETOFFLOAD). All need GUEST_CSUM.
+_GUEST_OFFLOADS = (
+    (F_GUEST_TSO4, taplib.TUN_F_TSO4),
+    (F_GUEST_TSO6, taplib.TUN_F_TSO6),
+    (F_GUEST_ECN, taplib.TUN_F_TSO_ECN),
+    (F_GUEST_UFO, taplib.TUN_F_UFO),
+    (F_GUEST_USO4, taplib.TUN_F_USO4),
+    (F_GUEST_USO6, taplib.TUN_F_USO6),
+)
+
+
+def tap_offloads(features: int) -> int:
+    """TUN_F_* flags for the guest offloads acked: the TAP then passes GSO frames
+    and partial checksums straight through to the guest (virtio 1.2 §5.1.6.4)."""
+    if not features & bit(F_GUEST_CSUM):
+        return 0
+    flags = taplib.TUN_F_CSUM
+    for feature, tun_flag in _GUEST_OFFLOADS:
+        if features & bit(feature):
+            flags |= tun_flag
+    return flags
+
+
+# virtio 1.2 §5.1.3.1: a driver must not accept a feature without the one it depends on.
+FEATURE_DEPENDS = (
+    (F_GUEST_TSO4, F_GUEST_CSUM), (F_GUEST_TSO6, F_GUEST_CSUM), (F_GUEST_UFO, F_GUEST_CSUM),
+    (F_GUEST_USO4, F_GUEST_CSUM), (F_GUEST_USO6, F_GUEST_CSUM), (F_HOST_TSO4, F_CSUM), (F_HOST_TSO6, F_CSUM),
+    (F_HOST_UFO, F_CSUM), (F_HOST_USO, F_CSUM),
+)
+
+
+def check_dependencies(features: int) -> str | None:
+    """A description of the first broken feature dependency, or None."""
+    for feature, needs in FEATURE_DEPENDS:
+        if features & bit(feature) and not features & bit(needs):
+            return f"{FEATURE_NAMES[feature]} acked without {FEATURE_NAMES[needs]}"
+    if features & bit(F_GUEST_ECN) and not features & (bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6)):
+        return "GUEST_ECN acked without GUEST_TSO4 or GUEST_TSO6"
+    if features & bit(F_HOST_ECN) and not features & (bit(F_HOST_TSO4) | bit(F_HOST_TSO6)):
+        return "HOST_ECN acked without HOST_TSO4 or HOST_TSO6"
+    return None
 
 
 def vnet_hdr_len(features: int) -> int:
@@ -114,17 +189,21 @@ class QueuePair:
 class NetDevice:
     """A port's virtio-net device: lives as long as the port, across frontends."""
 
-    def __init__(self, port: str, tap: taplib.Tap, queue_pairs: int):
+    def __init__(self, port: str, tap: taplib.Tap, queue_pairs: int, mtu: int, mtu_configured: bool = False):
         self.port = port
         self.tap = tap
         self.queue_pairs = queue_pairs
-        self.features = offered_features(queue_pairs)
+        self.mtu = mtu
+        uso = taplib.supports_offload(tap.fds[0], taplib.TUN_F_CSUM | taplib.TUN_F_USO4 | taplib.TUN_F_USO6)
+        self.features = offered_features(queue_pairs, mtu=mtu_configured, uso=uso)
         self.protocol_features = OFFERED_PROTOCOL_FEATURES
         self.mem = GuestMemory()
         self.qps: list[QueuePair] = []
+        self._attached = [True] * queue_pairs
         try:
             for i in range(queue_pairs):
                 self.qps.append(QueuePair(i, self.mem, tap.fds[i].fd))
+            self.set_mtu(mtu)
         except BaseException:
             self.close()
             raise
@@ -144,14 +223,22 @@ class NetDevice:
             for qp in reversed(paused):
                 lib.vr_qp_resume(qp.ptr)
 
-    def set_features(self, acked: int) -> None:
+    def set_features(self, acked: int, vrings: list[Vring]) -> None:
         hdr = vnet_hdr_len(acked)
         with self.all_paused():
             for qp in self.qps:
                 check(lib.vr_qp_set_features(qp.ptr, acked, hdr), f"features {acked:#x}")
+            self._note_mapped(vrings)  # a change of ring kind resets and re-maps the vqs
             for fd in self.tap.fds:
                 taplib.set_vnet_hdr_len(fd, hdr)
-                taplib.set_offload(fd, 0)  # offloads arrive with the offload issue
+                taplib.set_offload(fd, tap_offloads(acked))
+
+    def set_mtu(self, mtu: int) -> None:
+        """The MTU the datapath sizes mergeable RX buffers for (the TAP's)."""
+        with self.all_paused():
+            for qp in self.qps:
+                check(lib.vr_qp_set_mtu(qp.ptr, mtu), f"mtu {mtu}")
+        self.mtu = mtu
 
     def install_memory(self, mapped: list[MappedRegion], vrings: list[Vring]) -> None:
         with self.all_paused():
@@ -164,12 +251,23 @@ class NetDevice:
     def apply(self, vring: Vring, base: int | None = None) -> None:
         """Pushes one vring's configuration into its worker (paused around it)."""
         qp = self.qp_of(vring)
+        self._steer(vring)
         with qp.paused():
             qp.push(vring)
             if base is not None:
                 check(lib.vr_qp_set_base(qp.ptr, vring.which, base), f"vring {vring.index} base {base:#x}")
             qp.map()
             self._note_mapped([vring])
+
+    def _steer(self, vring: Vring) -> None:
+        """Multi-queue: the TAP steers host frames only to queues of enabled pairs.
+        Pair 0 stays attached so the TAP never loses its last queue."""
+        if vring.which != RX or vring.qp == 0:
+            return
+        attached = vring.enabled
+        if self._attached[vring.qp] != attached:
+            taplib.set_queue_attached(self.tap.fds[vring.qp], attached)
+            self._attached[vring.qp] = attached
 
     def _note_mapped(self, vrings: list[Vring]) -> None:
         """Learns which rings C could map (caller holds their queue pairs' pause)."""
@@ -194,6 +292,8 @@ class NetDevice:
             self.mem.clear()
         for v in vrings:
             v.release()
+            v.enabled = True
+            self._steer(v)  # every TAP queue attached while no frontend is there
 
     def check_events(self) -> list[str]:
         """Log lines for vrings that broke since the last call (the worker's event fd fired)."""

@@ -102,8 +102,8 @@ class Port:
         c = self.config
         tap = await asyncio.to_thread(taplib.open_tap, c.tap, c.netns, c.queues)
         try:
-            await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
-            self.device = NetDevice(self.name, tap, c.queues)
+            mtu = await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
+            self.device = NetDevice(self.name, tap, c.queues, mtu, mtu_configured=c.mtu is not None)
         except BaseException:
             tap.close()
             raise

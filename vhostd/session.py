@@ -6,13 +6,15 @@ protocol.py (syntax) and dispatch.py (payload size, fd count, vring index).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+from vhostd import tap as taplib
 from vhostd.connection import Connection, OwnedFd, close_all
 from vhostd.dispatch import dispatch
 from vhostd.errors import ProtocolError, RequestError
-from vhostd.net import NetDevice, feature_names, validate_vring_index
+from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names, validate_vring_index
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
     MemRegion,
@@ -113,8 +115,11 @@ class Session:
         extra = features & ~self.device.features
         if extra:
             raise RequestError(f"features {extra:#x} were not offered (offered {self.device.features:#x})")
+        broken = check_dependencies(features)
+        if broken:
+            raise RequestError(f"features {features:#x}: {broken}")
         self.features = features
-        self.device.set_features(features)
+        self.device.set_features(features, self.vrings)
         self.log.info("features: %s", " ".join(feature_names(features)) or "none")
         if not features & bit(F_PROTOCOL_FEATURES):
             # Spec: without PROTOCOL_FEATURES rings are enabled from the start.
@@ -146,6 +151,18 @@ class Session:
         self.owner = False
         self.log.info("device reset by frontend")
 
+    async def net_set_mtu(self, mtu: int, _fds) -> None:
+        """NET_SET_MTU (protocol feature NET_MTU): the MTU QEMU exposes to the guest
+        (host_mtu). The TAP follows it so that frames of that size pass both ways."""
+        if not self.protocol_acked(ProtocolFeature.NET_MTU):
+            raise RequestError("NET_SET_MTU without the NET_MTU protocol feature")
+        if not 68 <= mtu <= 65535:
+            raise RequestError(f"MTU {mtu} out of range (68..65535)")
+        if mtu != self.device.mtu:
+            await asyncio.to_thread(taplib.configure_link, self.device.tap, mtu)
+            self.device.set_mtu(mtu)
+        self.log.info("MTU %d", mtu)
+
     async def set_status(self, status: int, _fds) -> None:
         if status > 0xFF:
             raise RequestError(f"device status {status:#x} does not fit in 8 bits")
@@ -171,9 +188,16 @@ class Session:
 
     # --- vrings ------------------------------------------------------------------
 
+    @property
+    def packed(self) -> bool:
+        return bool(self.features & bit(F_RING_PACKED))
+
     async def set_vring_num(self, state: VringState, _fds) -> None:
         num = state.num
-        if num == 0 or num > 32768 or num & (num - 1):
+        if self.packed:
+            if not 1 <= num <= 32768:
+                raise RequestError(f"vring {state.index} size {num:#x} invalid (packed: 1..0x8000)")
+        elif num == 0 or num > 32768 or num & (num - 1):
             raise RequestError(f"vring {state.index} size {num:#x} invalid (power of 2, 1..0x8000)")
         v = self.vrings[state.index]
         v.num = num
@@ -192,7 +216,7 @@ class Session:
             )
 
     async def set_vring_base(self, state: VringState, _fds) -> None:
-        if state.num > 0xFFFF:
+        if not self.packed and state.num > 0xFFFF:
             raise RequestError(f"vring {state.index} base {state.num:#x} out of range for a split ring")
         v = self.vrings[state.index]
         v.base = state.num

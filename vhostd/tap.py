@@ -24,6 +24,19 @@ TUNSETPERSIST = 0x400454CB
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+
+# TUNSETOFFLOAD flags: what the TAP may hand us (and so the guest) as GSO / partial checksum
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
 
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -116,8 +129,8 @@ def open_tap(name: str, netns: str | None = None, queues: int = 1) -> Tap:
     return tap
 
 
-def configure_link(tap: Tap, mtu: int | None = None, mac: str | None = None) -> None:
-    """Sets MTU and MAC if given and brings the link up."""
+def configure_link(tap: Tap, mtu: int | None = None, mac: str | None = None) -> int:
+    """Sets MTU and MAC if given and brings the link up; returns the link's MTU."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -132,6 +145,7 @@ def configure_link(tap: Tap, mtu: int | None = None, mac: str | None = None) -> 
             if mac is not None:
                 attrs["address"] = mac
             ipr.link("set", index=idx[0], **attrs)
+            return int(ipr.get_links(idx[0])[0].get("mtu"))
     except NetlinkError as exc:
         raise SetupError(f"configuring TAP {tap.name}: {os.strerror(exc.code)}") from None
 
@@ -143,3 +157,21 @@ def set_vnet_hdr_len(fd: OwnedFd, length: int) -> None:
 def set_offload(fd: OwnedFd, flags: int) -> None:
     """TUNSETOFFLOAD: which GSO/checksum kinds the TAP may hand us (TUN_F_*)."""
     fcntl.ioctl(fd.fd, TUNSETOFFLOAD, flags)
+
+
+def supports_offload(fd: OwnedFd, flags: int) -> bool:
+    """Whether this kernel's TAP accepts `flags` (USO needs Linux 6.2). Leaves offloads off."""
+    try:
+        set_offload(fd, flags)
+    except OSError:
+        return False
+    finally:
+        set_offload(fd, 0)
+    return True
+
+
+def set_queue_attached(fd: OwnedFd, attached: bool) -> None:
+    """TUNSETQUEUE on a multi-queue TAP: a detached queue gets no frames from the
+    host, so flows are not steered to a queue pair the guest has disabled."""
+    flag = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+    fcntl.ioctl(fd.fd, TUNSETQUEUE, _IFREQ.pack(b"", flag))

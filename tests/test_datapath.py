@@ -137,9 +137,13 @@ class Dev:
             assert lib.vr_qp_resume(self.qp) == 0
 
     def stats(self, w: int) -> dict:
-        s = lib.vr_qp_stats(self.qp, w)
-        d = {k: getattr(s, k) for k in STAT_FIELDS}
-        d["batch_hist"] = list(s.batch_hist)
+        """Counters as of the worker's last finished burst: the pause is the barrier
+        (the worker counts a call just after publishing the used entries the test
+        may already have seen)."""
+        with self.paused():
+            s = lib.vr_qp_stats(self.qp, w)
+            d = {k: getattr(s, k) for k in STAT_FIELDS}
+            d["batch_hist"] = list(s.batch_hist)
         return d
 
     def get_base(self, w: int) -> int:

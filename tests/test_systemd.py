@@ -239,11 +239,11 @@ def test_units_keep_the_settings_the_integration_relies_on():
             assert s.get(key) == want, f"{unit}: {key}={s.get(key)}, expected {want}"
         assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"], unit
         assert "CAP_NET_ADMIN" in s["CapabilityBoundingSet"][0].split(), unit
-    assert svc["ExecStart"] == ["/usr/local/bin/vhostd --config /etc/vhostd/vhostd.toml"]
+    assert svc["ExecStart"] == ["/usr/local/bin/vhostd --config /etc/vhostd/vhostd.toml --control-mode 0600"]
     assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert set(svc["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}  # netns ports
     assert tpl["ExecStart"][0].startswith(
-        "/usr/local/bin/vhostd --socket /run/vhostd/%i.sock --tap %i --control /run/vhostd/%i.ctl")
+        "/usr/local/bin/vhostd --socket /run/vhostd/%i.sock --tap %i --control /run/vhostd/%i.ctl --control-mode 0600")
     assert tpl["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]  # no netns by default: no setns
     assert "ExecReload" not in tpl  # nothing to reload without --config
 
@@ -624,6 +624,10 @@ def test_daemon_serves_traffic_inside_the_units_sandbox(unit, rundir, netns, dae
     st = os.stat(sock)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid and st.st_uid == uid, \
         f"socket {sock}: mode {stat.S_IMODE(st.st_mode):o} uid {st.st_uid} gid {st.st_gid}"
+    control = next(a for a in args if a.endswith(".ctl") or a.endswith("control.sock")) \
+        if any(a.endswith(".ctl") for a in args) else rundir / "control.sock"
+    cmode = stat.S_IMODE(os.stat(control).st_mode)
+    assert cmode == 0o600, f"control socket {control}: mode {cmode:o} (the unit asks for 0600)"
 
     from tests.traffic import Guest, frame, marker_of
 

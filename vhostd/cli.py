@@ -57,6 +57,8 @@ def vhostd_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML file of ports (see README); SIGHUP reloads it")
     p.add_argument("--control", metavar="PATH", default=None,
                    help=f"control socket for vhostctl (default {DEFAULT_CONTROL_PATH}; '' disables it)")
+    p.add_argument("--control-mode", type=lambda t: int(t, 8), default=None, metavar="OCTAL",
+                   help="permissions of the control socket (default 0660; 0600 keeps it to the daemon's user)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT",
                    help="serve Prometheus metrics over HTTP at ADDR:PORT (e.g. 127.0.0.1:9712)")
     p.add_argument("--print-capabilities", action="store_true",
@@ -66,13 +68,23 @@ def vhostd_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _JournalFormatter(logging.Formatter):
+    """Under systemd (JOURNAL_STREAM set) each line starts with its syslog priority
+    (<3> error ... <7> debug), so `journalctl -p warning` filters by level."""
+
+    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)  # INFO by default, DEBUG with -v
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if verbose < 3:  # pyroute2 logs every netlink message at DEBUG
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("pyroute2"))
     root = logging.getLogger()
@@ -119,6 +131,10 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
         port = check_port(PortConfig(socket=args.socket or "", tap=args.tap, netns=args.netns, mac=args.mac,
                                      mtu=args.mtu, queues=args.queues, client=args.client, fd=args.fd))
         cfg = DaemonConfig(ports=[port])
+    if args.control_mode is not None:
+        if not 0 <= args.control_mode <= 0o777:
+            raise SetupError(f"--control-mode {args.control_mode:o} is not a permission mode")
+        cfg.control_mode = args.control_mode
     if args.metrics_listen:
         parse_listen(args.metrics_listen)
         cfg.metrics_listen = args.metrics_listen

@@ -49,6 +49,7 @@ class PortConfig:
 class DaemonConfig:
     ports: list[PortConfig] = field(default_factory=list)
     control: str | None = None
+    control_mode: int = 0o660
     metrics_listen: str | None = None
 
 

@@ -31,9 +31,10 @@ def port_stats(port) -> dict:
 
 
 class ControlServer:
-    def __init__(self, daemon, path: str):
+    def __init__(self, daemon, path: str, mode: int = CONTROL_MODE):
         self.daemon = daemon
         self.path = path
+        self.mode = mode
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -48,7 +49,7 @@ class ControlServer:
             finally:
                 probe.close()
         self.server = await asyncio.start_unix_server(self._client, path=self.path, limit=MAX_REQUEST)
-        os.chmod(self.path, CONTROL_MODE)
+        os.chmod(self.path, self.mode)
 
     async def stop(self) -> None:
         if self.server is not None:

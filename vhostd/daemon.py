@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 from vhostd.config import DaemonConfig, PortConfig, load_config
 from vhostd.errors import SetupError
@@ -110,7 +111,7 @@ class Daemon:
         if not self.config_path:
             raise SetupError("no config file to reload (start with --config)")
         async with self._reload_lock:
-            sd_notify("RELOADING=1")
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             try:
                 new = load_config(self.config_path)
                 wanted = {p.name: p for p in new.ports}
@@ -174,16 +175,26 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         servers = []
         try:
+            failed = []
             for cfg in self.config.ports:
-                await self.add_port(cfg, from_file=self.config_path is not None)
+                try:
+                    await self.add_port(cfg, from_file=self.config_path is not None)
+                except SetupError as exc:
+                    if not self.config_path:
+                        raise  # a command-line port: failing to set it up is fatal
+                    # With a config file one bad port (TAP busy, namespace not there yet)
+                    # must not take every other VM's network down; SIGHUP retries it.
+                    log.error("port %s: %s", cfg.name, exc)
+                    failed.append(cfg.name)
             if self.config.control:
-                servers.append(ControlServer(self, self.config.control))
+                servers.append(ControlServer(self, self.config.control, self.config.control_mode))
             if self.config.metrics_listen:
                 servers.append(MetricsServer(self, self.config.metrics_listen))
             for server in servers:
                 await server.start()
             self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
-            sd_notify(f"READY=1\nSTATUS=serving {len(self.ports)} port(s)")
+            status = f"serving {len(self.ports)} port(s)" + (f", failed: {' '.join(failed)}" if failed else "")
+            sd_notify(f"READY=1\nSTATUS={status}")
             await self.stopping.wait()
             log.info("stopping")
         finally:

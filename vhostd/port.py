@@ -9,6 +9,7 @@ next one; the TAP stays. Datapath problems reach the log here, rate-limited.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -41,6 +42,8 @@ def _inherited_listener(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
+        if exc.errno == errno.ENOTSOCK:
+            raise SetupError(f"--fd {fd} is not a socket") from None
         raise SetupError(f"--fd {fd}: {exc.strerror}") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
@@ -100,6 +103,8 @@ class Port:
     async def open(self) -> None:
         """Set-up that can fail: TAP, device, socket. Raises SetupError with one clear line."""
         c = self.config
+        if c.fd is not None:  # checked first: a wrong --fd must not leave a TAP behind
+            self.listener = _inherited_listener(c.fd)
         tap = await asyncio.to_thread(taplib.open_tap, c.tap, c.netns, c.queues)
         try:
             mtu = await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
@@ -110,9 +115,7 @@ class Port:
         loop = asyncio.get_running_loop()
         for qp in self.device.qps:
             loop.add_reader(qp.event_fd, self._on_datapath_event)
-        if c.fd is not None:
-            self.listener = _inherited_listener(c.fd)
-        elif not c.client:
+        if c.fd is None and not c.client:
             self.listener = _bind_listener(c.socket)
             self._owns_socket_path = True
         where = f" in netns {c.netns}" if c.netns else ""

@@ -556,8 +556,14 @@ def sandbox_uid(python: str, gid: int) -> int:
     """uid 65534 if it can run this interpreter with vhostd's dependencies (a Debian
     /usr/bin/python3 venv can; a pyenv under /root cannot), else root with the
     unit's capabilities only (what a root User= would get)."""
+    # Two execs, as in the real run (setpriv -> sandbox_exec.py -> the daemon): the
+    # first exec still holds root's capabilities from setpriv, the second does not,
+    # so only the second shows whether the interpreter's path (e.g. a venv symlink
+    # into /root) is reachable for the sandbox user.
+    probe = ("import os, sys; os.execv(sys.executable, [sys.executable, '-c', "
+             "'import cffi, uvloop, pyroute2, vhostd.native'])")
     r = subprocess.run(["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={gid}", "--clear-groups", python,
-                        "-c", "import cffi, uvloop, pyroute2, vhostd.native"], capture_output=True, text=True,
+                        "-c", probe], capture_output=True, text=True,
                        cwd="/", env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode == 0:
         return SANDBOX_UID

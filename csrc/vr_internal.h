@@ -128,6 +128,21 @@ static inline void *vr_xlate(const struct vr_mem *mem, int space, uint64_t addr,
 }
 
 /*
+ * Host pointer for a ring part (desc table, avail/used ring, event structures) at
+ * frontend virtual address `uva`: it must lie entirely in one region and be aligned
+ * as the spec requires (§2.6 split, §2.7.10.1 packed); NULL otherwise.
+ */
+static inline void *vr_map_ring_part(const struct vr_mem *mem, uint64_t uva, uint64_t size, uintptr_t align)
+{
+    uint64_t l = size;
+    void *p = vr_xlate(mem, VR_SPACE_UVA, uva, &l);
+
+    if (!p || l < size || ((uintptr_t)p & (align - 1)))
+        return NULL;
+    return p;
+}
+
+/*
  * Appends the guest range [addr, addr+len) to iov[*niov..max), one iovec per
  * region it crosses. 0, -EFAULT (some byte unmapped or the range wraps), or
  * -ENOBUFS (more than `max` iovecs).

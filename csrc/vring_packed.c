@@ -63,17 +63,6 @@ static inline void vr_slot_next(uint16_t *slot, bool *wrap, uint32_t num)
     }
 }
 
-/* Host pointer for a ring part that must lie in one region, aligned (§2.7.10.1). */
-static void *vr_map_part(const struct vr_mem *mem, uint64_t uva, uint64_t size, uintptr_t align)
-{
-    uint64_t l = size;
-    void *p = vr_xlate(mem, VR_SPACE_UVA, uva, &l);
-
-    if (!p || l < size || ((uintptr_t)p & (align - 1)))
-        return NULL;
-    return p;
-}
-
 static int vr_packed_map(const struct vr_mem *mem, struct vr_vq *vq)
 {
     void *d, *drv, *dev;
@@ -86,9 +75,9 @@ static int vr_packed_map(const struct vr_mem *mem, struct vr_vq *vq)
         return 0;                       /* nothing to map yet: not an error */
     if (vq->last_avail_idx >= vq->num || vq->used_idx >= vq->num)
         return -EINVAL;                 /* a base set for a larger ring */
-    d = vr_map_part(mem, vq->desc_uva, 16ull * vq->num, 16);
-    drv = vr_map_part(mem, vq->avail_uva, sizeof(struct vring_packed_event), 4);
-    dev = vr_map_part(mem, vq->used_uva, sizeof(struct vring_packed_event), 4);
+    d = vr_map_ring_part(mem, vq->desc_uva, 16ull * vq->num, 16);
+    drv = vr_map_ring_part(mem, vq->avail_uva, sizeof(struct vring_packed_event), 4);
+    dev = vr_map_ring_part(mem, vq->used_uva, sizeof(struct vring_packed_event), 4);
     if (!d || !drv || !dev)
         return -EFAULT;
     vq->pdesc = d;

@@ -17,17 +17,6 @@
 
 #include "vr_internal.h"
 
-/* Host pointer for a ring part that must lie in one region, aligned as §2.6 requires. */
-static void *vr_map_part(const struct vr_mem *mem, uint64_t uva, uint64_t size, uintptr_t align)
-{
-    uint64_t l = size;
-    void *p = vr_xlate(mem, VR_SPACE_UVA, uva, &l);
-
-    if (!p || l < size || ((uintptr_t)p & (align - 1)))
-        return NULL;
-    return p;
-}
-
 static int vr_split_map(const struct vr_mem *mem, struct vr_vq *vq)
 {
     void *d, *a, *u;
@@ -40,9 +29,9 @@ static int vr_split_map(const struct vr_mem *mem, struct vr_vq *vq)
         return 0;                       /* nothing to map yet: not an error */
     if (vq->num & (vq->num - 1))
         return -EINVAL;                 /* §2.6: split queue sizes are powers of two */
-    d = vr_map_part(mem, vq->desc_uva, vr_desc_bytes(vq->num), 16);
-    a = vr_map_part(mem, vq->avail_uva, vr_avail_bytes(vq->num), 2);
-    u = vr_map_part(mem, vq->used_uva, vr_used_bytes(vq->num), 4);
+    d = vr_map_ring_part(mem, vq->desc_uva, vr_desc_bytes(vq->num), 16);
+    a = vr_map_ring_part(mem, vq->avail_uva, vr_avail_bytes(vq->num), 2);
+    u = vr_map_ring_part(mem, vq->used_uva, vr_used_bytes(vq->num), 4);
     if (!d || !a || !u)
         return -EFAULT;
     vq->desc = d;

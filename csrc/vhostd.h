@@ -65,6 +65,7 @@
 #define VR_BROKEN_ADDR 3         /* a buffer lies outside guest memory */
 #define VR_BROKEN_INDIRECT 4     /* bad indirect table (size, nesting, NEXT+INDIRECT) */
 #define VR_BROKEN_RING_ADDR 5    /* desc/avail/used not inside one mapped region */
+#define VR_BROKEN_MEMORY 6       /* guest memory faulted (the frontend shrank its file) */
 
 /* One guest memory region, as SET_MEM_TABLE describes it plus where we mapped it. */
 struct vr_region {

@@ -10,6 +10,7 @@
  * can spin (REFERENCE "Datapath traps").
  */
 #include <errno.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
@@ -123,11 +124,88 @@ static bool vr_handle_control(struct vr_qp *qp, bool *stop)
     return was_parked;
 }
 
+/*
+ * SIGBUS: guest memory is a file the frontend still owns. If it shrinks the file
+ * after SET_MEM_TABLE (a hostile or broken frontend; unsealed hugetlbfs and /dev/shm
+ * files allow it), touching the lost pages raises SIGBUS in the worker. That must
+ * cost the guest its rings, not the daemon its life: the handler jumps back into
+ * the faulting worker's loop, which marks both vqs broken. Faults anywhere else
+ * go to whatever handler was there before (or the default action).
+ */
+static __thread sigjmp_buf *vr_fault_jmp;
+static struct sigaction vr_prev_bus;
+static pthread_once_t vr_bus_once = PTHREAD_ONCE_INIT;
+
+static void vr_on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    if (vr_fault_jmp)
+        siglongjmp(*vr_fault_jmp, 1);
+    if ((vr_prev_bus.sa_flags & SA_SIGINFO) && vr_prev_bus.sa_sigaction) {
+        vr_prev_bus.sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (!(vr_prev_bus.sa_flags & SA_SIGINFO) && vr_prev_bus.sa_handler != SIG_DFL &&
+        vr_prev_bus.sa_handler != SIG_IGN) {
+        vr_prev_bus.sa_handler(sig);
+        return;
+    }
+    signal(SIGBUS, SIG_DFL);
+    raise(SIGBUS);
+}
+
+static void vr_install_bus_handler(void)
+{
+    struct sigaction sa;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = vr_on_sigbus;
+    /* NODEFER: the jump leaves the handler without sigreturn; SIGBUS must stay unblocked. */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &vr_prev_bus);
+}
+
+/*
+ * One round of bounded bursts, alternating so neither direction starves the other.
+ * Guest memory is touched only in here: a SIGBUS lands back at the sigsetjmp
+ * (nothing local changes after it), and both vqs of the pair stop.
+ */
+static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
+{
+    sigjmp_buf fault;
+
+    if (sigsetjmp(fault, 0)) {
+        vr_fault_jmp = NULL;
+        vr_vq_set_broken(qp, &qp->vq[VR_RX], VR_BROKEN_MEMORY, 0);
+        vr_vq_set_broken(qp, &qp->vq[VR_TX], VR_BROKEN_MEMORY, 0);
+        vr_watch_tap(qp, false);
+        *tx_more = *rx_more = false;
+        return;
+    }
+    vr_fault_jmp = &fault;
+    if (*tx_more)
+        *tx_more = vr_tx_process(qp);
+    if (*rx_more) {
+        enum vr_rx_state s = vr_rx_process(qp);
+
+        *rx_more = s == VR_RX_MORE;
+        vr_watch_tap(qp, s == VR_RX_MORE || s == VR_RX_TAP_EMPTY);
+    }
+    vr_fault_jmp = NULL;
+}
+
 static void *vr_worker(void *arg)
 {
     struct vr_qp *qp = arg;
     struct epoll_event evs[8];
     bool tx_more = false, rx_more = false, stop = false;
+    sigset_t bus;
+
+    /* Workers start with every signal blocked; a synchronous SIGBUS while blocked
+     * would kill the process, so this one is let through to vr_on_sigbus. */
+    sigemptyset(&bus);
+    sigaddset(&bus, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
 
     while (!stop) {
         int n = epoll_wait(qp->epfd, evs, 8, (tx_more || rx_more) ? 0 : -1);
@@ -167,15 +245,7 @@ static void *vr_worker(void *arg)
         }
         if (stop)
             break;
-        /* Alternate bounded bursts so neither direction starves the other. */
-        if (tx_more)
-            tx_more = vr_tx_process(qp);
-        if (rx_more) {
-            enum vr_rx_state s = vr_rx_process(qp);
-
-            rx_more = s == VR_RX_MORE;
-            vr_watch_tap(qp, s == VR_RX_MORE || s == VR_RX_TAP_EMPTY);
-        }
+        vr_bursts(qp, &tx_more, &rx_more);
         /* A vq that broke stops being watched. */
         vr_watch_kick(qp, VR_RX);
         vr_watch_kick(qp, VR_TX);
@@ -271,7 +341,9 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
     pthread_mutex_init(&qp->lock, NULL);
     pthread_cond_init(&qp->cond, NULL);
 
-    /* The worker takes no signals: they belong to the Python main thread. */
+    pthread_once(&vr_bus_once, vr_install_bus_handler);
+    /* The worker takes no signals (but SIGBUS, see vr_worker): they belong to the
+     * Python main thread. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     err = pthread_create(&qp->thread, NULL, vr_worker, qp);

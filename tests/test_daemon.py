@@ -267,3 +267,31 @@ def test_client_mode_connects_to_listening_frontend(tmp_path, netns, loop_kind):
         mem.close()
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_frontend_shrinking_guest_memory_breaks_rings_not_daemon(daemon, netns):
+    """A frontend that truncates its memory file after SET_MEM_TABLE makes the
+    worker's next access fault (SIGBUS): the rings stop, the daemon lives on."""
+    d = daemon()
+    g = Guest(d.socket).setup()
+    try:
+        (_gpa, _size, _uva, _off, fd) = next(g.mem.regions())
+        os.ftruncate(fd, 0)  # the rings and buffers are gone from under the daemon
+        g.tx.kick()
+        deadline = time.time() + 5
+        while d.log().count("guest memory became inaccessible") < 2:
+            assert d.alive(), d.log()
+            assert time.time() < deadline, d.log()
+            time.sleep(0.05)
+        assert d.alive()
+        assert g.fe.ping()  # the control plane still answers this frontend
+    finally:
+        g.fe.close()  # its memory cannot be unmapped cleanly by the test's own views either
+    # the next frontend is served normally
+    g2 = Guest(d.socket).setup()
+    try:
+        sock = packet_socket(netns, d.tap)
+        g2.send([frame(5)])
+        collect(sock, 1)
+    finally:
+        g2.close()

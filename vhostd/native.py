@@ -25,6 +25,7 @@ BROKEN_REASONS = {
     lib.VR_BROKEN_ADDR: "buffer outside guest memory",
     lib.VR_BROKEN_INDIRECT: "invalid indirect descriptor table",
     lib.VR_BROKEN_RING_ADDR: "ring not inside guest memory",
+    lib.VR_BROKEN_MEMORY: "guest memory became inaccessible (the frontend shrank its memory file)",
 }
 
 

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(qemu-system-x86 busybox-static dpdk-dev iproute2 procps gcc python3-dev python3-venv cpio xz-utils zstd kmod)
+PKGS=(qemu-system-x86 busybox-static dpdk-dev iproute2 iputils-ping procps util-linux systemd libseccomp2
+      gcc python3-dev python3-venv cpio xz-utils zstd kmod)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -219,7 +219,8 @@ def test_kick_suppression_while_draining(make_dev):
         assert d.tx.publish_and_kick()
         d.recv_tap()
         d.tx.wait_used(1)
-        wait_for(lambda: d.tx.device_event()[0] == d.tx.avail_pos)
+        # the device writes off_wrap, then (release) the DESC flag that makes it count
+        wait_for(lambda: d.tx.device_event() == (d.tx.avail_pos, VRING_PACKED_EVENT_FLAG_DESC))
     d.tx.add_out([net_hdr() + eth_frame(60)])
     d.tx.publish()
     d.tx.set_driver_event(VRING_PACKED_EVENT_FLAG_ENABLE)

@@ -491,6 +491,18 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
         print(f"{r['dir']:<3} {r['size']:>5} | {part(v)} | {part(dp)[2:]} | {ratio:>5} {rcpu:>9}", file=out)
 
 
+def native_fingerprint() -> str:
+    """sha256 (12 hex) of the vhostd C extension(s) in the tree: others may rebuild it mid-run."""
+    import hashlib
+    h = hashlib.sha256()
+    d = os.path.join(REPO, "vhostd")
+    for f in sorted(os.listdir(d)):
+        if f.startswith("_native") and f.endswith(".so"):
+            with open(os.path.join(d, f), "rb") as fh:
+                h.update(f.encode() + fh.read())
+    return h.hexdigest()[:12]
+
+
 def machine_info() -> dict:
     model = ""
     try:
@@ -505,7 +517,8 @@ def machine_info() -> dict:
     dpdk = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpdk-dev"], capture_output=True, text=True)
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "kernel": platform.release(), "cpu": model, "ncpu": os.cpu_count(),
-            "vhostd_commit": git.stdout.strip(), "dpdk": dpdk.stdout.strip(),
+            "vhostd_commit": git.stdout.strip(), "vhostd_native": native_fingerprint(),
+            "dpdk": dpdk.stdout.strip(),
             "loadavg_start": open("/proc/loadavg").read().split()[:3]}
 
 
@@ -599,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.cleanup()
     info["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    if native_fingerprint() != info["vhostd_native"]:
+        info["vhostd_native_changed"] = True
+        log("warning: vhostd's C extension was rebuilt during the run (figures may mix two builds)")
     rows = summarize(results, args.max_foreign)
     doc = {"machine": info, "config": {"sizes": args.sizes, "seconds": args.seconds, "warmup": args.warmup,
                                        "reps": args.reps, "dirs": dirs, "queue_size": QUEUE_SIZE,

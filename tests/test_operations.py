@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, packet_socket
-from tests.traffic import Guest, collect, frame, marker_of
+from tests.traffic import Guest, collect, frame
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 

@@ -7,7 +7,6 @@ suppression in both modes, indirect tables, hostile descriptors, SET/GET base).
 from __future__ import annotations
 
 import random
-import socket
 import struct
 import time
 
@@ -15,8 +14,8 @@ import pytest
 
 from vhostd._native import ffi, lib
 
-from tests.driver import net_hdr, parse_net_hdr
-from tests.driver.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from tests.driver import net_hdr
+from tests.driver.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from tests.driver.packed import (
     VRING_PACKED_EVENT_FLAG_DESC, VRING_PACKED_EVENT_FLAG_DISABLE,
     VRING_PACKED_EVENT_FLAG_ENABLE,

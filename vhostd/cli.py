@@ -14,10 +14,16 @@ import socket
 import sys
 
 from vhostd import __version__
-from vhostd.config import MAX_QUEUE_PAIRS, DaemonConfig, PortConfig, check_port, load_config, parse_listen
+from vhostd.config import (
+    DEFAULT_CONTROL_PATH,
+    MAX_QUEUE_PAIRS,
+    DaemonConfig,
+    PortConfig,
+    check_port,
+    load_config,
+    parse_listen,
+)
 from vhostd.errors import SetupError, VhostError
-
-DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 
 
 def _int_in(lo: int, hi: int):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from vhostd.errors import SetupError
 
 MAX_QUEUE_PAIRS = 16
+DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 

@@ -20,7 +20,6 @@ from vhostd.stats import totals
 
 log = logging.getLogger("vhostd.control")
 
-DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 CONTROL_MODE = 0o660
 MAX_REQUEST = 64 * 1024
 

@@ -20,9 +20,9 @@ import socket
 import sys
 import time
 
+from vhostd.config import DEFAULT_CONTROL_PATH
 from vhostd.errors import ControlError
 
-DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 DROPS = ("drop_ring_full", "drop_tap_busy", "drop_tap_error", "drop_bad_desc", "drop_bad_hdr", "drop_disabled")
 
 

@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from . import constants as C
 from .guestmem import GuestMemory

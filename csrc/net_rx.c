@@ -68,7 +68,7 @@ static ssize_t vr_rx_read(struct vr_qp *qp, struct iovec *iov, unsigned niov, bo
         if (n >= 0 && (msg.msg_flags & MSG_TRUNC))
             *trunc = true;
     } else {
-        n = readv(qp->tap_fd, iov, (int)niov);
+        n = vr_sys_readv(qp->tap_fd, iov, (int)niov);
     }
     return n < 0 ? -errno : n;
 }

@@ -209,7 +209,7 @@ static void vr_tx_one(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
     iov[first].iov_base = &hdr;
     iov[first].iov_len = hl;
 
-    n = writev(qp->tap_fd, &iov[first], (int)(c->niov + 1 - first));
+    n = vr_sys_writev(qp->tap_fd, &iov[first], (int)(c->niov + 1 - first));
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
             vq->stats.drop_tap_busy++;

@@ -19,7 +19,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include "vhostd.h"
 
@@ -48,6 +50,24 @@ static inline uint16_t vr_ld16(const volatile uint16_t *p)
 static inline void vr_st16(volatile uint16_t *p, uint16_t v)
 {
     __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
+}
+
+/*
+ * The per-frame TAP syscalls, raw. glibc's readv()/writev() are cancellation
+ * points: in a threaded process each call is bracketed by
+ * __pthread_enable/disable_asynccancel (two atomic read-modify-writes). The
+ * worker is never cancelled (vr_qp_free() stops it through its control
+ * eventfd), so that bookkeeping buys nothing. Same result and errno contract
+ * as the wrappers: -1 with errno set on failure.
+ */
+static inline ssize_t vr_sys_writev(int fd, const struct iovec *iov, int iovcnt)
+{
+    return syscall(SYS_writev, fd, iov, iovcnt);
+}
+
+static inline ssize_t vr_sys_readv(int fd, const struct iovec *iov, int iovcnt)
+{
+    return syscall(SYS_readv, fd, iov, iovcnt);
 }
 
 /* ---------------------------------------------------------- split ring layout */

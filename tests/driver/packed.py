@@ -22,15 +22,13 @@ the writable capacity) and raises DeviceError.
 
 from __future__ import annotations
 
-import os
-import select
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from .constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from .guestmem import GuestMemory
+from .ring import RingDriver
 from .split import DeviceError, RingFull, Used
 
 _DESC = struct.Struct("<QIHH")
@@ -61,7 +59,7 @@ class _Chain:
     in_capacity: int = 0
 
 
-class PackedRing:
+class PackedRing(RingDriver):
     def __init__(self, mem: GuestMemory, num: int, *, event_idx: bool = False,
                  indirect: bool = False, region: int | None = None,
                  buf_region: int | None = None, strict: bool = True, **_ignored):
@@ -122,23 +120,6 @@ class PackedRing:
         """next_avail | wrap << 15: what the device's avail half of GET_VRING_BASE
         reports once it has consumed everything published."""
         return self.next_avail | (int(self.avail_wrap) << 15)
-
-    # --- buffer pool ----------------------------------------------------------
-    def alloc_buf(self, size: int) -> int:
-        return self._chunk(size)[1]
-
-    def _chunk(self, size: int) -> tuple[int, int]:
-        cls = 64
-        while cls < size:
-            cls <<= 1
-        lst = self._pool.get(cls)
-        if lst:
-            return cls, lst.pop()
-        return cls, self.mem.alloc(cls, 64, self.buf_region)
-
-    def _release(self, chunks: Sequence[tuple[int, int]]) -> None:
-        for cls, gpa in chunks:
-            self._pool.setdefault(cls, []).append(gpa)
 
     # --- posting ----------------------------------------------------------------
     def _advance(self) -> None:
@@ -203,12 +184,6 @@ class PackedRing:
         self._chains[bid] = ch
         return bid
 
-    def add_out(self, bufs: Sequence[bytes], indirect: bool | None = None) -> int:
-        return self.add_chain(bufs, (), indirect)
-
-    def add_in(self, sizes: Sequence[int], indirect: bool | None = None) -> int:
-        return self.add_chain((), sizes, indirect)
-
     def publish(self) -> int:
         """Make every chain added so far available: write the head flags, in order
         (each a single u16 store after the chain's other descriptors)."""
@@ -230,18 +205,6 @@ class PackedRing:
             ev -= self.num
         new = self.next_avail
         return new - added <= ev < new
-
-    def kick(self) -> None:
-        if self.kick_fd is None:
-            raise RuntimeError("ring has no kick fd")
-        os.eventfd_write(self.kick_fd, 1)
-
-    def publish_and_kick(self) -> bool:
-        self.publish()
-        if self.needs_kick():
-            self.kick()
-            return True
-        return False
 
     # --- completion ---------------------------------------------------------------
     def _used_ready(self) -> bool:
@@ -282,31 +245,8 @@ class PackedRing:
             self.set_driver_event(VRING_PACKED_EVENT_FLAG_DESC, self.last_used, self.used_wrap)
         return res
 
-    def wait_used(self, n: int = 1, timeout: float = 5.0) -> list[Used]:
-        deadline = time.monotonic() + timeout
-        got: list[Used] = []
-        while True:
-            got += self.get_used()
-            if len(got) >= n:
-                return got
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{len(got)}/{n} used entries after {timeout}s "
-                                   f"(last_used={self.last_used}, next_avail={self.next_avail})")
-            if self.call_fd is not None:
-                r, _, _ = select.select([self.call_fd], [], [], min(left, 0.02))
-                if r:
-                    self.drain_call()
-            else:
-                time.sleep(min(left, 0.001))
-
-    def drain_call(self) -> int:
-        if self.call_fd is None:
-            return 0
-        try:
-            return os.eventfd_read(self.call_fd)
-        except BlockingIOError:
-            return 0
+    def _progress(self) -> str:
+        return f"last_used={self.last_used}, next_avail={self.next_avail}"
 
     # --- notification suppression (§2.7.10) ------------------------------------------
     def disable_interrupts(self) -> None:

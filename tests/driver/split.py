@@ -23,10 +23,7 @@ end of the class.
 
 from __future__ import annotations
 
-import os
-import select
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -35,6 +32,7 @@ from .constants import (
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
 )
 from .guestmem import GuestMemory, align_up
+from .ring import RingDriver
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
@@ -76,7 +74,7 @@ class _Chain:
     in_capacity: int = 0
 
 
-class SplitRing:
+class SplitRing(RingDriver):
     def __init__(self, mem: GuestMemory, num: int, *, event_idx: bool = False,
                  indirect: bool = False, used_align: int = 4,
                  region: int | None = None, buf_region: int | None = None,
@@ -148,25 +146,6 @@ class SplitRing:
     def outstanding(self) -> int:
         return len(self._chains)
 
-    # --- buffer pool (guest memory for packet data) -------------------------
-    def alloc_buf(self, size: int) -> int:
-        """A guest buffer of at least `size` bytes (power-of-two size classes,
-        recycled when the chain comes back used)."""
-        return self._chunk(size)[1]
-
-    def _chunk(self, size: int) -> tuple[int, int]:
-        cls = 64
-        while cls < size:
-            cls <<= 1
-        lst = self._pool.get(cls)
-        if lst:
-            return cls, lst.pop()
-        return cls, self.mem.alloc(cls, 64, self.buf_region)
-
-    def _release(self, chunks: Sequence[tuple[int, int]]) -> None:
-        for cls, gpa in chunks:
-            self._pool.setdefault(cls, []).append(gpa)
-
     # --- posting ------------------------------------------------------------
     def add_chain(self, out: Sequence[bytes] = (), in_sizes: Sequence[int] = (),
                   indirect: bool | None = None) -> int:
@@ -217,14 +196,6 @@ class SplitRing:
         self.push_avail(head)
         return head
 
-    def add_out(self, bufs: Sequence[bytes], indirect: bool | None = None) -> int:
-        """Device-readable chain (TX): each bytes object becomes one descriptor."""
-        return self.add_chain(bufs, (), indirect)
-
-    def add_in(self, sizes: Sequence[int], indirect: bool | None = None) -> int:
-        """Device-writable chain (RX) of buffers of the given sizes."""
-        return self.add_chain((), sizes, indirect)
-
     def publish(self) -> int:
         """Make every entry added so far visible: store avail.idx (after the
         ring entries, which add_* already wrote).  Returns the new idx."""
@@ -241,19 +212,6 @@ class SplitRing:
         if self.event_idx:
             return vring_need_event(self.avail_event(), new, old)
         return not (self.used_flags() & VRING_USED_F_NO_NOTIFY)
-
-    def kick(self) -> None:
-        if self.kick_fd is None:
-            raise RuntimeError("ring has no kick fd (setup_net sets one)")
-        os.eventfd_write(self.kick_fd, 1)
-
-    def publish_and_kick(self) -> bool:
-        """publish(), then kick if needs_kick(); returns whether it kicked."""
-        self.publish()
-        if self.needs_kick():
-            self.kick()
-            return True
-        return False
 
     # --- completion -----------------------------------------------------------
     def get_used(self) -> list[Used]:
@@ -295,34 +253,8 @@ class SplitRing:
             self.set_used_event(self.last_used)
         return res
 
-    def wait_used(self, n: int = 1, timeout: float = 5.0) -> list[Used]:
-        """Collect at least n used entries, blocking on the call eventfd when
-        there is one (and polling the ring too, for suppressed calls)."""
-        deadline = time.monotonic() + timeout
-        got: list[Used] = []
-        while True:
-            got += self.get_used()
-            if len(got) >= n:
-                return got
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{len(got)}/{n} used entries after {timeout}s "
-                                   f"(used.idx={self.used_idx()}, avail.idx={self.avail_idx})")
-            if self.call_fd is not None:
-                r, _, _ = select.select([self.call_fd], [], [], min(left, 0.02))
-                if r:
-                    self.drain_call()
-            else:
-                time.sleep(min(left, 0.001))
-
-    def drain_call(self) -> int:
-        """Read (reset) the call eventfd; returns the count, 0 if none."""
-        if self.call_fd is None:
-            return 0
-        try:
-            return os.eventfd_read(self.call_fd)
-        except BlockingIOError:
-            return 0
+    def _progress(self) -> str:
+        return f"used.idx={self.used_idx()}, avail.idx={self.avail_idx}"
 
     # --- notification suppression (§2.6.7, §2.6.10) -------------------------
     def disable_interrupts(self) -> None:

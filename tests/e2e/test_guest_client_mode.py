@@ -42,7 +42,8 @@ def test_vhostd_client_mode_with_qemu_server_and_reconnect(guest_image, netns, s
         assert daemon.alive(), "vhostd exited when QEMU went away\n" + daemon.describe()
         _guest_run(guest_image, sock, srv, daemon, ns, "52:54:00:12:34:61")
         log = daemon.stderr()
-        assert log.count("frontend connected") == 2, daemon.describe()
+        # two full handshakes (a connect to a QEMU that is just exiting may come and go in between)
+        assert log.count("memory table:") == 2, daemon.describe()
         assert "waiting for" in log, daemon.describe()  # it retried while no QEMU listened
         rc = daemon.stop(signal.SIGTERM, timeout=15)
         assert rc == 0, f"vhostd exited with {rc} on SIGTERM\n{daemon.describe()}"

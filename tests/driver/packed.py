@@ -159,17 +159,7 @@ class PackedRing(RingDriver):
         if need > self._num_free or not self._free_ids:
             raise RingFull(f"{need} descriptors needed, {self._num_free} free")
         ch = _Chain(need, [])
-        for b in out:
-            cls, gpa = self._chunk(len(b))
-            ch.chunks.append((cls, gpa))
-            if b:
-                self.mem.write(gpa, b)
-            ch.bufs.append((gpa, len(b), False))
-        for sz in in_sizes:
-            cls, gpa = self._chunk(sz)
-            ch.chunks.append((cls, gpa))
-            ch.bufs.append((gpa, sz, True))
-            ch.in_capacity += sz
+        self._fill(ch, out, in_sizes)
         entries = [(gpa, ln, VRING_DESC_F_WRITE if w else 0) for gpa, ln, w in ch.bufs]
         bid = self._free_ids.pop()
         if use_ind:

@@ -34,6 +34,21 @@ class RingDriver:
             self._pool.setdefault(cls, []).append(gpa)
 
     # --- posting ------------------------------------------------------------
+    def _fill(self, ch, out: Sequence[bytes], in_sizes: Sequence[int]) -> None:
+        """Gives chain `ch` its buffers: readable ones holding `out`, then writable
+        ones of `in_sizes` (ch.chunks, ch.bufs as (gpa, len, writable), ch.in_capacity)."""
+        for b in out:
+            cls, gpa = self._chunk(len(b))
+            ch.chunks.append((cls, gpa))
+            if b:
+                self.mem.write(gpa, b)
+            ch.bufs.append((gpa, len(b), False))
+        for sz in in_sizes:
+            cls, gpa = self._chunk(sz)
+            ch.chunks.append((cls, gpa))
+            ch.bufs.append((gpa, sz, True))
+            ch.in_capacity += sz
+
     def add_out(self, bufs: Sequence[bytes], indirect: bool | None = None) -> int:
         """Device-readable chain (TX): each bytes object becomes one descriptor."""
         return self.add_chain(bufs, (), indirect)

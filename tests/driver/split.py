@@ -162,17 +162,7 @@ class SplitRing(RingDriver):
         if need > len(self._free):
             raise RingFull(f"{need} descriptors needed, {len(self._free)} free")
         ch = _Chain([], [])
-        for b in out:
-            cls, gpa = self._chunk(len(b))
-            ch.chunks.append((cls, gpa))
-            if b:
-                self.mem.write(gpa, b)
-            ch.bufs.append((gpa, len(b), False))
-        for sz in in_sizes:
-            cls, gpa = self._chunk(sz)
-            ch.chunks.append((cls, gpa))
-            ch.bufs.append((gpa, sz, True))
-            ch.in_capacity += sz
+        self._fill(ch, out, in_sizes)
         entries = [(gpa, ln, VRING_DESC_F_WRITE if w else 0) for gpa, ln, w in ch.bufs]
         if use_ind:
             cls, table = self._chunk(16 * n)

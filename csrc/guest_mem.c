@@ -6,6 +6,13 @@
  * guest physical address, the frontend's virtual address (used by SET_VRING_ADDR)
  * and a size; we map the fd and record our own address (hva). The control plane
  * owns the mappings; the datapath only translates through the table.
+ *
+ * A table is valid when every region is non-empty, no gpa/uva/hva range wraps
+ * 2^64, and no two regions overlap in guest-physical space (memory.py checks
+ * that and frontend-virtual overlaps before mapping; this is the last word, on
+ * the exact table C will translate through). vr_xlate() (vr_internal.h) never forms
+ * addr + len, so no input overflows; a range crossing regions is translated
+ * piecewise by vr_gather().
  */
 #include <errno.h>
 #include <stdint.h>
@@ -48,6 +55,13 @@ static inline bool vr_range_ok(uint64_t base, uint64_t size)
     return size && base + (size - 1) >= base;
 }
 
+/* Do [a, a+as) and [b, b+bs) share a byte? Both ranges already checked not to wrap,
+ * so the inclusive ends cannot overflow. */
+static inline bool vr_overlap(uint64_t a, uint64_t as, uint64_t b, uint64_t bs)
+{
+    return a <= b + (bs - 1) && b <= a + (as - 1);
+}
+
 int vr_mem_validate(const struct vr_mem *mem)
 {
     if (!mem || mem->nregions > VR_MAX_REGIONS)
@@ -60,10 +74,10 @@ int vr_mem_validate(const struct vr_mem *mem)
             return -EINVAL;
         for (uint32_t j = 0; j < i; j++) {
             const struct vr_region *o = &mem->regions[j];
-            /* Inclusive ends cannot overflow (checked above for both). */
-            uint64_t r_end = r->gpa + (r->size - 1), o_end = o->gpa + (o->size - 1);
 
-            if (r->gpa <= o_end && o->gpa <= r_end)
+            /* A gpa overlap makes descriptor translation ambiguous. (memory.py also
+             * refuses uva overlaps, which only SET_VRING_ADDR translation sees.) */
+            if (vr_overlap(r->gpa, r->size, o->gpa, o->size))
                 return -EINVAL;
         }
     }

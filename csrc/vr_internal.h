@@ -47,6 +47,16 @@ static inline uint16_t vr_ld16(const volatile uint16_t *p)
     return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
 }
 
+static inline uint32_t vr_ld32(const volatile uint32_t *p)
+{
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t vr_ld64(const volatile uint64_t *p)
+{
+    return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED);
+}
+
 static inline void vr_st16(volatile uint16_t *p, uint16_t v)
 {
     __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);

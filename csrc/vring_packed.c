@@ -12,9 +12,27 @@
  * Positions are slots 0..num-1 plus a wrap counter (num need not be a power of
  * two). A descriptor is available when its AVAIL bit equals our avail wrap counter
  * and its USED bit does not; a used descriptor has both bits equal to the used
- * wrap counter. The guest is hostile: each descriptor field is read once, chains
- * are bounded by the queue size, indirect tables by their length, and every
- * address goes through vr_xlate(); a violation marks the vq broken.
+ * wrap counter.
+ *
+ * The guest is hostile. What pop() checks, and what it decided (the same rules as
+ * vring_split.c wherever the layouts agree):
+ *  - a chain occupies at most `num` slots (a longer one wraps onto itself).
+ *  - indirect (§2.7.5): only with VIRTIO_RING_F_INDIRECT_DESC; the indirect
+ *    descriptor stands alone (no NEXT, not inside a chain); len a nonzero
+ *    multiple of 16 and at most num entries; no INDIRECT inside a table; the table
+ *    must be contiguous in one region, so one crossing a boundary is rejected.
+ *  - readable descriptors come before writable ones.
+ *  - buffer ranges go through vr_gather(): crossing regions is split into one
+ *    iovec per region; an unmapped byte or a wrapping range is VR_BROKEN_ADDR.
+ *  - zero-length descriptors are accepted and add no iovec (no byte is accessed);
+ *    a chain with no bytes at all is malformed (VR_BROKEN_DESC).
+ *  - only the head's AVAIL/USED bits decide availability (the driver flips the
+ *    head last, §2.7.6); the following descriptors of a chain are read as they are.
+ *  - a chain shorter than the vnet header is dropped and counted by net_tx.c.
+ *  - every guest-shared field (flags, addr, len, id, driver event area) is read
+ *    exactly once into a local with vr_ld16/32/64 (READ_ONCE-style loads).
+ * A violation marks the vq broken (counted, logged once by the control plane);
+ * SET_VRING_BASE or a new frontend makes it healthy again.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -106,6 +124,9 @@ static int vr_packed_set_base(struct vr_vq *vq, uint32_t base)
     }
     if (vq->num && (avail >= vq->num || used >= vq->num))
         return -EINVAL;
+    /* The frontend re-initialises the ring: a ring it broke may run again. */
+    vq->stats.broken_detail = 0;
+    __atomic_store_n(&vq->stats.broken, VR_BROKEN_NONE, __ATOMIC_RELEASE);
     vq->last_avail_idx = avail;
     vq->avail_wrap = aw;
     vq->used_idx = used;
@@ -132,9 +153,9 @@ static void vr_packed_init_state(struct vr_vq *vq)
 static inline void vr_read_pdesc(const volatile struct vring_packed_desc *p,
                                  struct vring_packed_desc *d)
 {
-    d->addr = p->addr;
-    d->len = p->len;
-    d->id = p->id;
+    d->addr = vr_ld64(&p->addr);
+    d->len = vr_ld32(&p->len);
+    d->id = vr_ld16(&p->id);
 }
 
 /* Appends one buffer to the chain: 0, a VR_BROKEN_* reason (> 0) or VR_POP_NOSPACE. */
@@ -181,7 +202,7 @@ static int vr_walk_indirect(struct vr_qp *qp, struct vr_vq *vq, const struct vri
     n = d->len / 16;
     for (uint32_t k = 0; k < n; k++) {
         struct vring_packed_desc e;
-        uint16_t fl = table[k].flags;
+        uint16_t fl = vr_ld16(&table[k].flags);
 
         vr_read_pdesc(&table[k], &e);
         if (fl & VRING_DESC_F_INDIRECT)
@@ -212,7 +233,7 @@ static int vr_packed_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, 
     /* acquire: the descriptor bodies were written before the head's flags. */
     vr_acquire_after_avail_idx();
 
-    c->head = vq->pdesc[slot].id;       /* provisional, for the broken detail */
+    c->head = 0xffff;                   /* set from the chain's last descriptor */
     c->pos = vr_pos(slot, wrap);
     c->ndesc = 0;
     c->niov = c->nout = 0;
@@ -227,6 +248,8 @@ static int vr_packed_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, 
         if (c->ndesc)
             flags = vr_ld16(&vq->pdesc[slot].flags);
         vr_read_pdesc(&vq->pdesc[slot], &d);
+        if (c->ndesc == 0)
+            c->head = d.id;             /* provisional, for the broken detail */
         c->ndesc++;
         if (flags & VRING_DESC_F_INDIRECT) {
             if (c->ndesc != 1 || (flags & VRING_DESC_F_NEXT)) {
@@ -247,6 +270,8 @@ static int vr_packed_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, 
     }
     if (r == VR_POP_NOSPACE)
         return VR_POP_NOSPACE;
+    if (!r && c->out_len + c->in_len == 0)
+        r = VR_BROKEN_DESC;             /* nothing to read or write: malformed */
     if (r) {
         vr_vq_set_broken(qp, vq, (uint32_t)r, c->head);
         return VR_POP_BROKEN;

@@ -7,10 +7,37 @@
  *
  * Everything here runs on the worker thread except map, set_base and init_state,
  * which the control plane reaches (through vr_split_ops) while the worker is parked.
- * The guest is hostile: every index is bounds-checked, every walk is bounded by
- * the queue (or indirect table) size, every guest-shared field is read once into a
- * local, every address goes through vr_xlate(). A violation marks the vq broken;
- * the worker then stops servicing it until vr_qp_reset_vq().
+ *
+ * The guest is hostile. What pop() checks, and what it decided:
+ *  - avail->idx may run at most `num` entries ahead of last_avail_idx (§2.6.6);
+ *    further is VR_BROKEN_AVAIL_IDX.
+ *  - head and every `next` must be < the size of the table they index (queue
+ *    size, or the indirect table's entry count).
+ *  - a chain walk is bounded by the table size: a longer walk is a loop.
+ *  - indirect (§2.6.5.3): only with VIRTIO_RING_F_INDIRECT_DESC; len a nonzero
+ *    multiple of 16 and at most num entries; no NEXT on the indirect descriptor,
+ *    no INDIRECT inside a table (no nesting); the table must be contiguous in one
+ *    region (we index it as an array), so one crossing a region boundary is
+ *    rejected.
+ *  - readable descriptors come before writable ones (§2.6.4.2).
+ *  - buffer ranges go through vr_gather(): a range crossing regions is split into
+ *    one iovec per region (guests lay out RAM in several regions and Linux places
+ *    buffers anywhere); any unmapped byte or a range that wraps 2^64 is
+ *    VR_BROKEN_ADDR.
+ *  - zero-length descriptors are accepted and contribute no iovec (no byte of
+ *    them is accessed, so their address is not translated; the walk budget still
+ *    counts them). A chain with no bytes at all is malformed (VR_BROKEN_DESC): an
+ *    empty RX chain would otherwise be handed to readv() as zero iovecs.
+ *  - a chain shorter than the vnet header is not a ring error: net_tx.c drops and
+ *    counts it (drop_bad_hdr), net_rx.c cannot fill it (drop_ring_full).
+ *  - guest-shared fields are read exactly once into locals with vr_ld16/32/64
+ *    (READ_ONCE-style relaxed atomic loads): avail->idx, the avail ring entry,
+ *    each descriptor's addr/len/flags/next, used_event, avail->flags.
+ * A violation marks the vq broken (counted once, logged once by the control
+ * plane, err eventfd signalled); the worker then stops servicing it. Both vqs of
+ * the pair keep their own state: the other one keeps working. SET_VRING_BASE
+ * (the frontend re-initialising the ring after GET_VRING_BASE) or a new frontend
+ * (vr_qp_reset_vq) makes it healthy again.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -47,6 +74,9 @@ static int vr_split_set_base(struct vr_vq *vq, uint32_t base)
 {
     if (base > 0xffff)
         return -EINVAL;
+    /* The frontend re-initialises the ring: a ring it broke may run again. */
+    vq->stats.broken_detail = 0;
+    __atomic_store_n(&vq->stats.broken, VR_BROKEN_NONE, __ATOMIC_RELEASE);
     vq->last_avail_idx = (uint16_t)base;
     vq->used_idx = (uint16_t)base;
     vq->published_used_idx = (uint16_t)base;
@@ -70,10 +100,10 @@ static inline struct vring_desc vr_read_desc(const volatile struct vring_desc *p
 {
     struct vring_desc d;
 
-    d.addr = p->addr;
-    d.len = p->len;
-    d.flags = p->flags;
-    d.next = p->next;
+    d.addr = vr_ld64(&p->addr);
+    d.len = vr_ld32(&p->len);
+    d.flags = vr_ld16(&p->flags);
+    d.next = vr_ld16(&p->next);
     return d;
 }
 
@@ -175,6 +205,10 @@ static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, u
             goto bad;
         }
         i = d.next;
+    }
+    if (c->out_len + c->in_len == 0) {  /* nothing to read or write: malformed */
+        why = VR_BROKEN_DESC;
+        goto bad;
     }
     vq->last_avail_idx++;
     return 1;

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vhostd.connection import OwnedFd, close_all
-from vhostd.errors import ProtocolError, RequestError, UnsupportedRequest
+from vhostd.errors import NativeError, ProtocolError, RequestError, UnsupportedRequest
 from vhostd.protocol import (
     Header,
     ProtocolFeature,
@@ -23,6 +23,7 @@ from vhostd.protocol import (
     VringState,
     pack_message,
     pack_u64,
+    request_name,
     unpack_empty,
     unpack_mem_table,
     unpack_raw,
@@ -100,21 +101,15 @@ ACK_OK = pack_u64(0)
 ACK_FAIL = pack_u64(1)
 
 
-def _name(request: int) -> str:
-    try:
-        return Request(request).name
-    except ValueError:
-        return f"request {request}"
-
-
 async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) -> bytes | None:
     """Runs one request; returns the reply message to send, if any.
 
     Raises ProtocolError when the connection must close (malformed payload).
-    A RequestError becomes a failure reply where the frontend expects one, plus a
-    log line; the connection lives on.
+    A RequestError (or a NativeError from the datapath) becomes a failure reply
+    where the frontend expects one, plus exactly one log line naming the request;
+    the connection lives on. Every fd not taken by a handler is closed here.
     """
-    name = _name(header.request)
+    name = request_name(header.request)
     try:
         row = REQUEST_TABLE.get(header.request)  # type: ignore[call-overload]
         if row is None or row.handler is None:
@@ -128,7 +123,12 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
             raise RequestError(f"{name}: {len(fds)} fds attached, expected {lo}..{hi}")
         if row.vring:
             session.check_vring_index(body)
-        result = await getattr(session, row.handler)(body, fds)
+        try:
+            result = await getattr(session, row.handler)(body, fds)
+        except NativeError as exc:
+            # The datapath refused a value the checks above let through: still a
+            # refused request, not a reason to drop the connection or the port.
+            raise RequestError(str(exc)) from None
         fds = []  # the handler took ownership
     except RequestError as exc:
         close_all(fds)

@@ -18,6 +18,7 @@ VERSION = 0x1
 VERSION_MASK = 0x3
 FLAG_REPLY = 1 << 2
 FLAG_NEED_REPLY = 1 << 3
+REQUEST_FLAGS = VERSION_MASK | FLAG_NEED_REPLY  # the only bits a front-end request may set
 MAX_FDS = 8  # per message, VHOST_MEMORY_BASELINE_NREGIONS
 MAX_PAYLOAD = 4096  # the largest request we read; anything bigger is a framing error
 MEM_TABLE_MAX_REGIONS = 8
@@ -111,6 +112,14 @@ def bit(n: int) -> int:
     return 1 << n
 
 
+def request_name(request: int) -> str:
+    """The spec's name of a request id, for log lines ("request 0x99" if unknown)."""
+    try:
+        return Request(request).name
+    except ValueError:
+        return f"request {request:#x}"
+
+
 @dataclass(frozen=True)
 class Header:
     request: int
@@ -119,11 +128,18 @@ class Header:
 
     @classmethod
     def unpack(cls, data: bytes) -> "Header":
+        """Checks what a header alone can get wrong; any failure closes the connection
+        (the stream cannot be resynchronised). Messages name the request."""
         request, flags, size = HEADER.unpack(data)
+        name = request_name(request)
         if flags & VERSION_MASK != VERSION:
-            raise ProtocolError(f"unsupported message version {flags & VERSION_MASK:#x} (flags {flags:#x})")
+            raise ProtocolError(f"{name}: unsupported message version {flags & VERSION_MASK:#x} (flags {flags:#x})")
+        if flags & FLAG_REPLY:
+            raise ProtocolError(f"{name}: REPLY flag set in a request (flags {flags:#x})")
+        if flags & ~REQUEST_FLAGS:
+            raise ProtocolError(f"{name}: unknown flag bits {flags & ~REQUEST_FLAGS:#x} (flags {flags:#x})")
         if size > MAX_PAYLOAD:
-            raise ProtocolError(f"payload size {size:#x} exceeds {MAX_PAYLOAD:#x} (request {request})")
+            raise ProtocolError(f"{name}: payload size {size:#x} exceeds {MAX_PAYLOAD:#x}")
         return cls(request, flags, size)
 
     @property

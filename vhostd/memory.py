@@ -89,6 +89,7 @@ class GuestMemory:
         """Maps a new table without touching the live one (all or nothing)."""
         if len(regions) > lib.VR_MAX_REGIONS:
             raise RequestError(f"{len(regions)} memory regions (max {lib.VR_MAX_REGIONS})")
+        _check_disjoint(regions)
         mapped: list[MappedRegion] = []
         try:
             for region, fd in zip(regions, fds, strict=True):
@@ -124,6 +125,17 @@ class GuestMemory:
     def clear(self) -> None:
         """Unmaps everything (queue pairs paused or gone)."""
         self.release(self.install([]))
+
+
+def _check_disjoint(regions: list[MemRegion]) -> None:
+    """No two regions may share a guest-physical or a frontend-virtual byte: either
+    would make a translation ambiguous. Checked before anything is mapped (ranges
+    are already known not to wrap, protocol.MemRegion.check)."""
+    for space in ("gpa", "uva"):
+        spans = sorted((getattr(r, space), r.size) for r in regions)
+        for (a, a_size), (b, _) in zip(spans, spans[1:]):
+            if b < a + a_size:
+                raise RequestError(f"memory regions overlap: {space} {a:#x}+{a_size:#x} and {b:#x}")
 
 
 def _fill(table, mapped: list[MappedRegion]) -> None:

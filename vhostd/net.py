@@ -256,6 +256,7 @@ class NetDevice:
             qp.push(vring)
             if base is not None:
                 check(lib.vr_qp_set_base(qp.ptr, vring.which, base), f"vring {vring.index} base {base:#x}")
+                qp.reported_broken[vring.which] = 0  # C cleared a broken ring: log its next break
             qp.map()
             self._note_mapped([vring])
 

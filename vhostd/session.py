@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from vhostd import tap as taplib
 from vhostd.connection import Connection, OwnedFd, close_all
 from vhostd.dispatch import dispatch
-from vhostd.errors import ProtocolError, RequestError
+from vhostd.errors import ProtocolError, RequestError, VhostError
 from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names, validate_vring_index
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
@@ -28,6 +29,18 @@ from vhostd.protocol import (
 from vhostd.vring import Vring
 
 _VRING_FILE_RESERVED = ~0x1FF & ((1 << 64) - 1)
+
+# Alignment of the ring parts (virtio 1.1 §2.6 split: desc 16, avail 2, used 4;
+# §2.7.10.1 packed: desc 16, driver and device event areas 4), as (desc, avail, used).
+_SPLIT_ALIGN = (16, 2, 4)
+_PACKED_ALIGN = (16, 4, 4)
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:  # no /proc: cannot tell, accept
+        return True
 
 
 class Session:
@@ -59,7 +72,9 @@ class Session:
                 reply = await dispatch(self, header, payload, fds)
                 if reply is not None:
                     await self.conn.send(reply)
-        except ProtocolError as exc:
+        except (ProtocolError, VhostError) as exc:
+            # ProtocolError: framing cannot be trusted any more. Any other VhostError
+            # here escaped dispatch by mistake: end this frontend, never the port.
             self.errors += 1
             self.log.warning("closing connection: %s", exc)
         except (ConnectionError, OSError) as exc:
@@ -206,19 +221,29 @@ class Session:
     async def set_vring_addr(self, addr: VringAddr, _fds) -> None:
         if addr.flags & ~VringAddr.F_LOG:
             raise RequestError(f"vring {addr.index} address flags {addr.flags:#x} unknown")
+        for what, uva, align in zip(("desc", "avail", "used"), (addr.desc, addr.avail, addr.used),
+                                    _PACKED_ALIGN if self.packed else _SPLIT_ALIGN):
+            if uva % align:
+                raise RequestError(f"vring {addr.index} {what} address {uva:#x} not {align}-byte aligned")
         v = self.vrings[addr.index]
-        v.addr = addr
+        old, v.addr = v.addr, addr
         self._apply(v)
         if len(self.device.mem) and v.num and not v.mapped:
+            v.addr = old  # refused: the ring keeps the addresses it had
+            self._apply(v)
             raise RequestError(
                 f"vring {addr.index}: desc {addr.desc:#x} avail {addr.avail:#x} used {addr.used:#x} "
                 "not inside guest memory"
             )
 
     async def set_vring_base(self, state: VringState, _fds) -> None:
+        v = self.vrings[state.index]
         if not self.packed and state.num > 0xFFFF:
             raise RequestError(f"vring {state.index} base {state.num:#x} out of range for a split ring")
-        v = self.vrings[state.index]
+        if self.packed and v.num:
+            avail, used = state.num & 0x7FFF, state.num >> 16 & 0x7FFF
+            if avail >= v.num or (state.num >> 16 and used >= v.num):
+                raise RequestError(f"vring {state.index} base {state.num:#x}: slot beyond size {v.num:#x}")
         v.base = state.num
         self._apply(v, base=state.num)
 
@@ -236,6 +261,8 @@ class Session:
             new = None
         elif len(fds) != 1:
             raise RequestError(f"vring {body.index} {attr}: no fd attached")
+        elif not _is_eventfd(fds[0].fd):
+            raise RequestError(f"vring {body.index} {attr}: fd is not an eventfd")
         else:
             new = fds[0]
         v = self.vrings[body.index]

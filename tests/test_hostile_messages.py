@@ -159,7 +159,15 @@ def prefix_packed(fe: Frontend) -> None:
     _prefix_mem(fe, PACKED_FEATURES, 100)
 
 
-PREFIXES = {"raw": lambda fe: None, "ack": prefix_ack, "mem": prefix_mem, "packed": prefix_packed}
+def prefix_noack(fe: Frontend) -> None:
+    """Protocol features without REPLY_ACK: a refused request gets no reply at all."""
+    fe.get_features()
+    fe.set_protocol_features(fe.get_protocol_features() & C.bits(C.PROTOCOL_F_MQ))
+    fe.set_owner()
+
+
+PREFIXES = {"raw": lambda fe: None, "ack": prefix_ack, "noack": prefix_noack, "mem": prefix_mem,
+            "packed": prefix_packed}
 
 
 # ------------------------------------------------------------------------- cases
@@ -170,7 +178,7 @@ class Case:
     check: str                  # the validation rule it exercises (distinct checks)
     request: int | None         # None: the header names no known request
     message: Callable           # fe -> (bytes, fds to send)
-    outcome: str                # "nack" | "empty" (always-reply, size 0) | "close"
+    outcome: str                # "nack" | "empty" (always-reply, size 0) | "close" | "silent" (no reply)
     reason: str                 # regex the one log line must match
     prefix: str = "ack"
     fds: Callable = lambda: []  # fds to attach (created per run, closed by the test)
@@ -365,6 +373,16 @@ for mtu in (0, 67, 65536):
          f"MTU {mtu} out of range")
 
 
+# --- without REPLY_ACK: refused silently (one log line), the connection lives on ---
+case("noack-vring-index", "no REPLY_ACK: refused without reply", C.SET_VRING_NUM,
+     msg(C.SET_VRING_NUM, pack_vring_state(0x1_0000, 256)), "silent", "vring index 0x10000 out of range",
+     prefix="noack")
+case("noack-extra-fd", "no REPLY_ACK: refused without reply", C.SET_OWNER, msg(C.SET_OWNER), "silent",
+     "1 fds attached", prefix="noack", fds=lambda: [eventfd()])
+case("noack-status", "no REPLY_ACK: refused without reply", C.SET_STATUS,
+     msg(C.SET_STATUS, pack_u64(0x1FF)), "silent", "does not fit in 8 bits", prefix="noack")
+
+
 # --------------------------------------------------------------------- the runner
 
 def run_case(env: Env, c: Case) -> None:
@@ -383,6 +401,10 @@ def run_case(env: Env, c: Case) -> None:
         fe.send_raw(data, mine)
         if c.outcome == "close":
             assert fe.expect_closed(timeout=5.0), "connection stayed open"
+        elif c.outcome == "silent":
+            # the next reply on the socket must be the ping's, nothing for the refused request
+            assert fe.ping(), "connection unusable after a refused request"
+            assert fd_count(pid) == fds_before, "fds handed with a refused request stay open"
         else:
             rep = fe.reply(None if c.request is None else c.request)
             if c.outcome == "nack":

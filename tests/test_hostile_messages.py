@@ -506,6 +506,22 @@ def test_repeated_vring_fds_and_owner_release_the_previous(env):
     wait_until(lambda: fd_count(pid) == base_fds, "release on disconnect")
 
 
+def test_refused_vring_addr_keeps_the_ring_running(env):
+    """A SET_VRING_ADDR refused on a live ring leaves the addresses it had."""
+    g = Guest(env.d.socket).setup()
+    try:
+        sock = packet_socket(env.netns, env.d.tap)
+        for bad in (dict(desc=0x1000), dict(used=g.tx.used_uva + 2)):
+            with pytest.raises(Nack):
+                g.fe.set_vring_addr(1, g.tx, **bad)
+            m = secrets.randbelow(1 << 31)
+            g.send([frame(m, 100)])
+            assert list(collect(sock, 1)) == [m]
+        sock.close()
+    finally:
+        g.close()
+
+
 # ----------------------------------------------------------------------- the end
 
 def test_zz_other_port_still_works_and_figures(env, capsys):
@@ -522,7 +538,7 @@ def test_zz_other_port_still_works_and_figures(env, capsys):
     finally:
         g.close()
     assert env.crashes == 0
-    assert env.tried >= len(CASES) or env.tried > 0
+    assert env.tried == len(CASES), "run the whole module for the figures"
     with capsys.disabled():
         print(f"\n[{env.loop}] malformed requests tried: {env.tried}, distinct checks: {len(env.checks)}, "
               f"daemon crashes: {env.crashes}")

@@ -229,8 +229,9 @@ class Session:
         old, v.addr = v.addr, addr
         self._apply(v)
         if len(self.device.mem) and v.num and not v.mapped:
-            v.addr = old  # refused: the ring keeps the addresses it had
-            self._apply(v)
+            if old is not None:  # refused: the ring keeps the addresses it had
+                v.addr = old
+                self._apply(v)
             raise RequestError(
                 f"vring {addr.index}: desc {addr.desc:#x} avail {addr.avail:#x} used {addr.used:#x} "
                 "not inside guest memory"

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, DaemonProcess, need_root, packet_socket
+from tests.driver.frontend import ConnectionClosed, Nack
 from tests.traffic import HDR, Guest, collect, frame, marker_of
 
 NOBODY = 65534
@@ -224,9 +225,29 @@ def test_unprivileged_uid_without_capabilities_serves_a_precreated_tap(netns):
             pkt.close()
         finally:
             g.close()
+        # QEMU's host_mtu asks for another MTU (NET_SET_MTU): without CAP_NET_ADMIN that
+        # frontend is turned away with one line, the port stays and serves the next one
+        g = Guest(str(sock))
+        try:
+            try:
+                g.setup(mtu=1400)
+                raise AssertionError("NET_SET_MTU 1400 succeeded without CAP_NET_ADMIN")
+            except (ConnectionClosed, Nack):
+                pass
+        finally:
+            g.close()
+        g = Guest(str(sock)).setup()
+        try:
+            pkt = packet_socket(netns, "vnc0")
+            g.send([frame(100, 300)])
+            assert collect(pkt, 1) == {100: frame(100, 300)}
+            pkt.close()
+        finally:
+            g.close()
         proc.terminate()
         assert proc.wait(10) == 0, (tmp / "daemon.log").read_text()
         text = (tmp / "daemon.log").read_text()
+        assert "frontend session ended: TAP vnc0 needs mtu 1400 and vhostd lacks CAP_NET_ADMIN" in text, text
         assert "(existing, attached)" in text, text
         r = subprocess.run(["ip", "-n", netns, "link", "show", "dev", "vnc0"], capture_output=True)
         assert r.returncode == 0, "the pre-created TAP must stay"

@@ -80,8 +80,8 @@ def one_cycle(d: DaemonProcess, pkt, cycle: int) -> None:
         g.close()
 
 
-def test_500_connect_configure_traffic_disconnect_cycles_leave_fds_and_rss_flat(tmp_path, netns):
-    d = DaemonProcess(tmp_path, netns, "vlk0").wait_ready()
+def test_500_connect_configure_traffic_disconnect_cycles_leave_fds_and_rss_flat(tmp_path, netns, loop_kind):
+    d = DaemonProcess(tmp_path, netns, "vlk0", loop=loop_kind).wait_ready()
     pkt = packet_socket(netns, "vlk0")
     try:
         pid = d.proc.pid
@@ -96,7 +96,7 @@ def test_500_connect_configure_traffic_disconnect_cycles_leave_fds_and_rss_flat(
         wait_disconnects(d, CYCLES)
         end = settled(pid, first["fds"])
         elapsed = time.monotonic() - t0
-        print(f"\n[leaks] {CYCLES} cycles in {elapsed:.1f} s ({elapsed / CYCLES * 1000:.0f} ms each); "
+        print(f"\n[leaks] {loop_kind}: {CYCLES} cycles in {elapsed:.1f} s ({elapsed / CYCLES * 1000:.0f} ms each); "
               f"idle daemon before: {first['fds']} fds, {first['rss'] >> 10} KiB RSS; "
               f"after cycle {WARMUP}: {warm['fds']} fds, {warm['maps']} mappings, {warm['rss'] >> 10} KiB RSS, "
               f"{warm['threads']} threads; after cycle {CYCLES}: {end['fds']} fds, {end['maps']} mappings, "

@@ -181,3 +181,45 @@ def test_a_failed_open_removes_the_tap_it_created(tmp_path, netns):
     err = _setup_fails(tmp_path, netns, "vtpf", "--mac", "01:00:00:00:00:01")
     assert "vtpf" in err, err
     assert link(netns, "vtpf") is None
+
+
+def test_reload_keeps_the_tap_of_a_changed_port_and_removes_a_dropped_one(tmp_path, netns):
+    """A port whose settings change is reopened on the same TAP (kept even with
+    remove_tap); a port dropped from the file goes with its TAP when remove_tap says so."""
+    conf = tmp_path / "vhostd.toml"
+    ctl = tmp_path / "ctl.sock"
+
+    def write(mtu: int | None, present: bool = True) -> None:
+        text = f'control = "{ctl}"\n'
+        if present:
+            text += (f'[[port]]\nname = "r"\nsocket = "{tmp_path}/r.sock"\ntap = "vtpr"\nnetns = "{netns}"\n'
+                     f'remove_tap = true\n' + (f"mtu = {mtu}\n" if mtu else ""))
+        conf.write_text(text)
+
+    write(None)
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostd", "--config", str(conf)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    class D:
+        control = str(ctl)
+
+    try:
+        deadline = time.monotonic() + 15
+        while not ctl.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.05)
+        ip(netns, "addr", "add", "198.18.0.1/24", "dev", "vtpr")
+        write(1400)
+        r = vhostctl(D, "reload")
+        assert r.returncode == 0, r.stdout + r.stderr
+        info = link(netns, "vtpr")
+        assert info is not None and info["mtu"] == 1400 and "198.18.0.1/24" in addresses(info), info
+        write(None, present=False)
+        r = vhostctl(D, "reload")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert link(netns, "vtpr") is None
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        log.close()

@@ -223,3 +223,26 @@ def test_reload_keeps_the_tap_of_a_changed_port_and_removes_a_dropped_one(tmp_pa
         proc.terminate()
         assert proc.wait(10) == 0
         log.close()
+
+
+def test_attach_to_a_tap_without_vnet_hdr_held_by_another_process_fails_clearly(tmp_path, netns):
+    """The kernel keeps a multi-queue TAP's flags while another queue is attached: a
+    TAP another process opened without IFF_VNET_HDR cannot carry our headers."""
+    import fcntl
+    import struct
+
+    from pyroute2 import netns as pnetns
+
+    pnetns.pushns(netns)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    finally:
+        pnetns.popns()
+    try:
+        # TUNSETIFF: IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE, no IFF_VNET_HDR
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", b"vtpx", 0x0002 | 0x1000 | 0x0100))
+        err = _setup_fails(tmp_path, netns, "vtpx", "--queues", "2")
+        assert "TAP vtpx has flags" in err and "lacking 0x4000" in err, err
+        assert link(netns, "vtpx") is not None
+    finally:
+        os.close(fd)

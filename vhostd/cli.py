@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+from dataclasses import replace
 
 from vhostd import __version__
 from vhostd.config import (
@@ -19,9 +20,13 @@ from vhostd.config import (
     MAX_QUEUE_PAIRS,
     DaemonConfig,
     PortConfig,
+    apply_control_access,
     check_port,
     load_config,
+    parse_group,
     parse_listen,
+    parse_mode,
+    parse_owner,
 )
 from vhostd.errors import SetupError, VhostError
 
@@ -60,11 +65,19 @@ def vhostd_parser() -> argparse.ArgumentParser:
                    help=f"queue pairs (1..{MAX_QUEUE_PAIRS}, default 1)")
     p.add_argument("--client", action="store_true",
                    help="connect to QEMU's server=on chardev instead of listening (retries until it can)")
+    p.add_argument("--remove-tap", action="store_true",
+                   help="on a clean stop delete the TAP if vhostd created it (default: keep it, persistent)")
+    p.add_argument("--socket-owner", metavar="USER",
+                   help="owner of the sockets vhostd creates (vhost-user and control; default: the daemon's user)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group of the sockets vhostd creates (default: the daemon's group)")
+    p.add_argument("--socket-mode", metavar="OCTAL",
+                   help="permissions of the sockets vhostd creates (default 0660)")
     p.add_argument("--config", metavar="FILE", help="TOML file of ports (see README); SIGHUP reloads it")
     p.add_argument("--control", metavar="PATH", default=None,
                    help=f"control socket for vhostctl (default {DEFAULT_CONTROL_PATH}; '' disables it)")
-    p.add_argument("--control-mode", type=lambda t: int(t, 8), default=None, metavar="OCTAL",
-                   help="permissions of the control socket (default 0660; 0600 keeps it to the daemon's user)")
+    p.add_argument("--control-mode", metavar="OCTAL",
+                   help="permissions of the control socket (default: --socket-mode; 0600 keeps it to its owner)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT",
                    help="serve Prometheus metrics over HTTP at ADDR:PORT (e.g. 127.0.0.1:9712)")
     p.add_argument("--print-capabilities", action="store_true",
@@ -123,10 +136,23 @@ def _control_alive(path: str) -> bool:
 
 def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
     """The daemon's configuration from the command line (and --config). Raises SetupError."""
+    access: dict = {}
+    if args.socket_owner is not None:
+        access["socket_uid"] = parse_owner(args.socket_owner, "--socket-owner")
+    if args.socket_group is not None:
+        access["socket_gid"] = parse_group(args.socket_group, "--socket-group")
+    if args.socket_mode is not None:
+        access["socket_mode"] = parse_mode(args.socket_mode, "--socket-mode")
     if args.config:
         if args.socket or args.tap or args.fd is not None:
             raise SetupError("--config and a command-line port (--socket/--fd/--tap) are exclusive")
+        if args.remove_tap:
+            raise SetupError("--remove-tap is for a command-line port; in a config file use remove_tap = true")
         cfg = load_config(args.config)
+        if access:  # the command line wins over the file's top-level keys
+            cfg.socket_defaults.update(access)
+            cfg.ports = [replace(p, **access) for p in cfg.ports]
+            apply_control_access(cfg)
     else:
         if args.tap is None or (args.socket is None and args.fd is None):
             raise SetupError("a port needs --tap and --socket (or --fd), or use --config FILE")
@@ -135,12 +161,12 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
         if args.fd is not None and args.client:
             raise SetupError("--fd is a listening socket: it does not combine with --client")
         port = check_port(PortConfig(socket=args.socket or "", tap=args.tap, netns=args.netns, mac=args.mac,
-                                     mtu=args.mtu, queues=args.queues, client=args.client, fd=args.fd))
-        cfg = DaemonConfig(ports=[port])
+                                     mtu=args.mtu, queues=args.queues, client=args.client, fd=args.fd,
+                                     remove_tap=args.remove_tap, **access))
+        cfg = DaemonConfig(ports=[port], socket_defaults=access)
+        apply_control_access(cfg)
     if args.control_mode is not None:
-        if not 0 <= args.control_mode <= 0o777:
-            raise SetupError(f"--control-mode {args.control_mode:o} is not a permission mode")
-        cfg.control_mode = args.control_mode
+        cfg.control_mode = parse_mode(args.control_mode, "--control-mode")
     if args.metrics_listen:
         parse_listen(args.metrics_listen)
         cfg.metrics_listen = args.metrics_listen

@@ -2,6 +2,9 @@
 
     control = "/run/vhostd/control.sock"     # optional
     metrics_listen = "127.0.0.1:9712"         # optional Prometheus endpoint
+    socket_owner = "root"                     # optional: owner, group and mode of the
+    socket_group = "kvm"                      #   sockets vhostd creates (vhost-user and
+    socket_mode = "0660"                      #   control); default: ours, ours, 0660
 
     [[port]]
     name = "vm1"                              # optional, defaults to the TAP name
@@ -12,11 +15,17 @@
     mtu = 1500                                # optional
     queues = 1                                # optional, 1..16
     client = false                            # optional: connect to QEMU's server=on socket
+    remove_tap = false                        # optional: delete the TAP on a clean stop or
+                                              #   del-port if vhostd created it
+    socket_owner / socket_group / socket_mode # optional: this port's socket (default: the
+                                              #   top-level keys)
 
 Every error names the file, the port and the key, in one line.
 """
 from __future__ import annotations
 
+import grp
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -24,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from vhostd.errors import SetupError
 
 MAX_QUEUE_PAIRS = 16
+DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
@@ -40,6 +50,10 @@ class PortConfig:
     client: bool = False
     name: str = ""
     fd: int | None = None  # an inherited listening socket (--fd), instead of binding `socket`
+    remove_tap: bool = False  # clean stop / del-port deletes the TAP if vhostd created it
+    socket_uid: int | None = None  # owner of the socket vhostd binds (None: ours)
+    socket_gid: int | None = None  # group of it (None: our primary group)
+    socket_mode: int = DEFAULT_SOCKET_MODE
 
     def __post_init__(self):
         if not self.name:
@@ -50,8 +64,68 @@ class PortConfig:
 class DaemonConfig:
     ports: list[PortConfig] = field(default_factory=list)
     control: str | None = None
-    control_mode: int = 0o660
+    control_mode: int = DEFAULT_SOCKET_MODE
+    control_uid: int | None = None
+    control_gid: int | None = None
     metrics_listen: str | None = None
+    # socket_uid/socket_gid/socket_mode for ports without their own (add-port too)
+    socket_defaults: dict = field(default_factory=dict)
+
+
+def parse_owner(value, what: str = "socket owner") -> int:
+    """A user name or a numeric uid."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.isdigit():
+        uid = int(value)
+        if not 0 <= uid < 2**32 - 1:
+            raise SetupError(f"{what} {value} is not a valid uid")
+        return uid
+    if not isinstance(value, str) or not value:
+        raise SetupError(f"{what} must be a user name or uid")
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise SetupError(f"{what}: unknown user {value!r}") from None
+
+
+def parse_group(value, what: str = "socket group") -> int:
+    """A group name or a numeric gid."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.isdigit():
+        gid = int(value)
+        if not 0 <= gid < 2**32 - 1:
+            raise SetupError(f"{what} {value} is not a valid gid")
+        return gid
+    if not isinstance(value, str) or not value:
+        raise SetupError(f"{what} must be a group name or gid")
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise SetupError(f"{what}: unknown group {value!r}") from None
+
+
+def parse_mode(value, what: str = "socket mode") -> int:
+    """Permission bits: an octal string ("0660", "660", "0o660") or an integer (TOML 0o660)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value):
+        mode = int(value.removeprefix("0o"), 8)
+    else:
+        raise SetupError(f"{what} {value!r} is not an octal permission mode (e.g. 0660)")
+    if not 0 <= mode <= 0o777:
+        raise SetupError(f"{what} {mode:#o} is not a permission mode (0..0777, no setuid/sticky bits)")
+    return mode
+
+
+def socket_access(d: dict, where: str = "") -> dict:
+    """socket_owner/socket_group/socket_mode keys -> PortConfig's socket_uid/socket_gid/socket_mode."""
+    at = f"{where}: " if where else ""
+    out: dict = {}
+    if "socket_owner" in d:
+        out["socket_uid"] = parse_owner(d["socket_owner"], f"{at}socket_owner")
+    if "socket_group" in d:
+        out["socket_gid"] = parse_group(d["socket_group"], f"{at}socket_group")
+    if "socket_mode" in d:
+        out["socket_mode"] = parse_mode(d["socket_mode"], f"{at}socket_mode")
+    return out
 
 
 def check_port(p: PortConfig, where: str = "") -> PortConfig:
@@ -73,20 +147,26 @@ def check_port(p: PortConfig, where: str = "") -> PortConfig:
 
 
 _PORT_KEYS = {"name": str, "socket": str, "tap": str, "netns": str, "mac": str, "mtu": int, "queues": int,
-              "client": bool}
+              "client": bool, "remove_tap": bool}
+_ACCESS_KEYS = ("socket_owner", "socket_group", "socket_mode")
 
 
-def port_from_dict(d: dict, where: str) -> PortConfig:
-    unknown = set(d) - set(_PORT_KEYS)
+def port_from_dict(d: dict, where: str, defaults: dict | None = None) -> PortConfig:
+    """A port from a config table or add-port; `defaults` are resolved socket_* fields."""
+    unknown = set(d) - set(_PORT_KEYS) - set(_ACCESS_KEYS)
     if unknown:
-        raise SetupError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(_PORT_KEYS)})")
+        raise SetupError(f"{where}: unknown key {sorted(unknown)[0]!r} "
+                         f"(known: {', '.join([*_PORT_KEYS, *_ACCESS_KEYS])})")
     for key, kind in _PORT_KEYS.items():
         if key in d and (type(d[key]) is not kind):
             raise SetupError(f"{where}: {key} must be a {kind.__name__}")
     for key in ("socket", "tap"):
         if key not in d:
             raise SetupError(f"{where}: {key} is required")
-    return check_port(PortConfig(**d), where)
+    fields = {k: v for k, v in d.items() if k in _PORT_KEYS}
+    fields.update(defaults or {})
+    fields.update(socket_access(d, where))
+    return check_port(PortConfig(**fields), where)
 
 
 def load_config(path: str) -> DaemonConfig:
@@ -99,17 +179,21 @@ def load_config(path: str) -> DaemonConfig:
         raise SetupError(f"no permission to read config file {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SetupError(f"config file {path}: {exc}") from None
-    unknown = set(data) - {"port", "control", "metrics_listen"}
+    unknown = set(data) - {"port", "control", "metrics_listen", *_ACCESS_KEYS}
     if unknown:
         raise SetupError(f"config file {path}: unknown key {sorted(unknown)[0]!r}")
     cfg = DaemonConfig(control=data.get("control"), metrics_listen=data.get("metrics_listen"))
+    cfg.socket_defaults = socket_access(data, f"config file {path}")
+    apply_control_access(cfg)
     ports = data.get("port", [])
     if not isinstance(ports, list):
         raise SetupError(f"config file {path}: use [[port]] tables for ports")
     seen: dict[str, str] = {}
     for i, d in enumerate(ports, 1):
+        if not isinstance(d, dict):
+            raise SetupError(f"config file {path}: use [[port]] tables for ports")
         where = f"config file {path}: port {d.get('name') or d.get('tap') or i}"
-        p = port_from_dict(d, where)
+        p = port_from_dict(d, where, cfg.socket_defaults)
         for kind, value in (("name", p.name), ("socket", p.socket), ("tap", f"{p.netns}/{p.tap}")):
             key = f"{kind}:{value}"
             if key in seen:
@@ -119,6 +203,14 @@ def load_config(path: str) -> DaemonConfig:
     if cfg.metrics_listen is not None:
         parse_listen(cfg.metrics_listen)
     return cfg
+
+
+def apply_control_access(cfg: DaemonConfig) -> None:
+    """The control socket gets the daemon-wide socket owner, group and mode."""
+    d = cfg.socket_defaults
+    cfg.control_uid = d.get("socket_uid")
+    cfg.control_gid = d.get("socket_gid")
+    cfg.control_mode = d.get("socket_mode", DEFAULT_SOCKET_MODE)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

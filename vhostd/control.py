@@ -1,7 +1,8 @@
 """The control socket vhostctl talks to: one JSON request per line, one JSON reply per line.
 
 Served by the daemon's event loop (asyncio streams are fine here: no fds travel).
-Mode 0660 by default: root and the socket's group may operate the daemon.
+Mode 0660 by default: its owner and group may operate the daemon (owner, group
+and mode follow --socket-owner/--socket-group/--socket-mode, mode --control-mode).
 
 Requests ("cmd"): ports | stats [port] | metrics | add-port {port fields} |
 del-port {name} | reload. Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.
@@ -12,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 
 from vhostd.config import port_from_dict
 from vhostd.errors import SetupError
@@ -30,25 +30,26 @@ def port_stats(port) -> dict:
 
 
 class ControlServer:
-    def __init__(self, daemon, path: str, mode: int = CONTROL_MODE):
+    def __init__(self, daemon, path: str, mode: int = CONTROL_MODE, uid: int | None = None,
+                 gid: int | None = None):
         self.daemon = daemon
         self.path = path
         self.mode = mode
+        self.uid = uid
+        self.gid = gid
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        from vhostd.port import bind_unix
+
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if os.path.lexists(self.path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.path)
-                raise SetupError(f"control socket {self.path} is in use by another vhostd")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(self.path)
-            finally:
-                probe.close()
-        self.server = await asyncio.start_unix_server(self._client, path=self.path, limit=MAX_REQUEST)
-        os.chmod(self.path, self.mode)
+        sock = bind_unix(self.path, self.uid, self.gid, self.mode, what="control socket")
+        try:
+            self.server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_REQUEST)
+        except BaseException:
+            sock.close()
+            os.unlink(self.path)
+            raise
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -94,7 +95,7 @@ class ControlServer:
                 return {"ok": True, "text": render(self.daemon)}
             if cmd == "add-port":
                 fields = {k: v for k, v in (req.get("port") or {}).items() if v is not None}
-                cfg = port_from_dict(fields, "add-port")
+                cfg = port_from_dict(fields, "add-port", self.daemon.config.socket_defaults)
                 port = await self.daemon.add_port(cfg)
                 log.info("port %s added at run time", port.name)
                 return {"ok": True, "port": port.describe()}

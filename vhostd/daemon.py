@@ -1,6 +1,8 @@
 """The daemon: its ports, signals, config reload, systemd notify and watchdog.
 
-- SIGTERM / SIGINT: close every port and exit 0.
+- SIGTERM / SIGINT: close every port and exit 0. TAPs stay (persistent, with
+  their addresses and MTU) unless a port has remove_tap and vhostd created its TAP;
+  the same holds for `vhostctl del-port` and a port dropped from the config file.
 - SIGHUP (with --config): re-read the file; ports that vanished are closed,
   new ones opened, changed ones reopened; the others are not touched. Ports
   added at run time with `vhostctl add-port` are not managed by the file.
@@ -92,7 +94,10 @@ class Daemon:
             port.log.exception("port failed; closing it")
             await self.remove_port(port.name, from_task=True)
 
-    async def remove_port(self, name: str, from_task: bool = False) -> None:
+    async def remove_port(self, name: str, from_task: bool = False, remove_tap: bool = True) -> None:
+        """Closes a port. `remove_tap`: the port goes for good (stop, del-port, dropped
+        from the file), so its TAP is deleted if its remove_tap setting asks for it;
+        False when it is reopened at once (changed in the file) or failed."""
         port = self.ports.pop(name, None)
         if port is None:
             raise SetupError(f"no port named {name!r}")
@@ -103,7 +108,7 @@ class Daemon:
                 await port.task
             except asyncio.CancelledError:
                 pass
-        port.close()
+        port.close(remove_tap=remove_tap and not from_task)
         port.log.info("removed")
 
     async def reload(self) -> str:
@@ -121,7 +126,7 @@ class Daemon:
                 if clash:
                     raise SetupError(f"config port {clash[0]} clashes with a port added at run time")
                 for n in removed:
-                    await self.remove_port(n)
+                    await self.remove_port(n, remove_tap=n not in wanted)
                 failed = []
                 for p in added:
                     try:
@@ -187,7 +192,8 @@ class Daemon:
                     log.error("port %s: %s", cfg.name, exc)
                     failed.append(cfg.name)
             if self.config.control:
-                servers.append(ControlServer(self, self.config.control, self.config.control_mode))
+                servers.append(ControlServer(self, self.config.control, self.config.control_mode,
+                                             self.config.control_uid, self.config.control_gid))
             if self.config.metrics_listen:
                 servers.append(MetricsServer(self, self.config.metrics_listen))
             for server in servers:

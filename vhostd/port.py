@@ -18,7 +18,7 @@ import struct
 import time
 
 from vhostd import tap as taplib
-from vhostd.config import PortConfig
+from vhostd.config import DEFAULT_SOCKET_MODE, PortConfig
 from vhostd.connection import Connection
 from vhostd.errors import SetupError
 from vhostd.net import NetDevice
@@ -55,29 +55,58 @@ def _inherited_listener(fd: int) -> socket.socket:
     return sock
 
 
-def _bind_listener(path: str) -> socket.socket:
-    """A listening socket at `path`; refuses a path that a live server holds."""
-    if os.path.lexists(path):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SetupError(f"socket path {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale socket from a previous run
-        else:
-            raise SetupError(f"socket path {path} is in use by another process")
-        finally:
-            probe.close()
+def _clear_stale(path: str, what: str) -> None:
+    """Removes a socket file left by a process that died; refuses a live one."""
+    if not os.path.lexists(path):
+        return
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SetupError(f"{what} path {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale socket from a previous run
+    else:
+        raise SetupError(f"{what} path {path} is in use by another process")
+    finally:
+        probe.close()
+
+
+def bind_unix(path: str, uid: int | None = None, gid: int | None = None, mode: int = DEFAULT_SOCKET_MODE,
+              what: str = "socket") -> socket.socket:
+    """A listening AF_UNIX socket at `path` with owner `uid`, group `gid` (None: ours) and
+    permission bits `mode`. It is bound under a umask that leaves it 0600, so nobody
+    else can connect before the owner, group and mode are in place."""
+    _clear_stale(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)  # process-wide, but nothing else creates files meanwhile
     try:
         sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise SetupError(f"cannot create socket {path}: {exc.strerror}") from None
-    sock.listen(4)
-    sock.setblocking(False)
+        raise SetupError(f"cannot create {what} {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    try:
+        if uid is not None or gid is not None:
+            try:
+                os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+            except PermissionError:
+                raise SetupError(
+                    f"cannot give {what} {path} owner {'-' if uid is None else uid} group "
+                    f"{'-' if gid is None else gid}: not permitted (another owner needs CAP_CHOWN; "
+                    "another group needs membership in it)") from None
+        os.chmod(path, mode)
+        sock.listen(4)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
     return sock
 
 
@@ -110,17 +139,18 @@ class Port:
             mtu = await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
             self.device = NetDevice(self.name, tap, c.queues, mtu, mtu_configured=c.mtu is not None)
         except BaseException:
-            tap.close()
+            tap.close(remove=tap.created)  # a TAP this failed attempt created goes again
             raise
         loop = asyncio.get_running_loop()
         for qp in self.device.qps:
             loop.add_reader(qp.event_fd, self._on_datapath_event)
         if c.fd is None and not c.client:
-            self.listener = _bind_listener(c.socket)
+            self.listener = bind_unix(c.socket, c.socket_uid, c.socket_gid, c.socket_mode)
             self._owns_socket_path = True
         where = f" in netns {c.netns}" if c.netns else ""
+        state = "created, persistent" if tap.created else "existing, attached"
         self.log.info(
-            "TAP %s%s, %d queue pair(s), %s %s", c.tap, where, c.queues,
+            "TAP %s%s (%s), %d queue pair(s), %s %s", c.tap, where, state, c.queues,
             "connecting to" if c.client else "listening on", c.socket,
         )
 
@@ -164,6 +194,10 @@ class Port:
                 loop.add_reader(self.listener.fileno(), self._note_waiting)
             try:
                 await self.session.run()
+            except SetupError as exc:
+                # A request the host cannot carry out (e.g. NET_SET_MTU without
+                # CAP_NET_ADMIN) ends this frontend's session, not the port.
+                self.log.error("frontend session ended: %s", exc)
             finally:
                 if self.listener is not None:
                     loop.remove_reader(self.listener.fileno())
@@ -177,13 +211,20 @@ class Port:
         self.log.warning("another frontend is waiting: this port serves one at a time")
         asyncio.get_running_loop().remove_reader(self.listener.fileno())
 
-    def close(self) -> None:
+    def close(self, remove_tap: bool = False) -> None:
+        """Releases everything of the port. The TAP stays (persistent) unless
+        `remove_tap` and the port's remove_tap setting ask to delete it and vhostd
+        created it (now or in an earlier run): a TAP the operator made is kept."""
         if self.device is not None:
             loop = asyncio.get_running_loop()
             for qp in self.device.qps:
                 loop.remove_reader(qp.event_fd)
             if self.session is not None:
                 self.session.close()
+            tap = self.device.tap
+            if remove_tap and self.config.remove_tap and tap.ours:
+                tap.unpersist()  # the device goes with the last fd, closed just below
+                self.log.info("TAP %s removed", tap.name)
             self.device.close()
             self.device = None
         if self.listener is not None:

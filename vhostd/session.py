@@ -56,6 +56,7 @@ class Session:
         self.status = 0
         self.errors = 0
         self.since = time.time()
+        self._resync_pending: set[int] = set()  # vrings with a SET_VRING_BASE not yet checked
 
     # --- connection loop -------------------------------------------------------
 
@@ -246,7 +247,47 @@ class Session:
             if avail >= v.num or (state.num >> 16 and used >= v.num):
                 raise RequestError(f"vring {state.index} base {state.num:#x}: slot beyond size {v.num:#x}")
         v.base = state.num
+        self._resync_pending.add(v.index)
         self._apply(v, base=state.num)
+
+    def _resync_base(self, v: Vring) -> int | None:
+        """Split rings, once per SET_VRING_BASE, when the ring starts (kick fd or enable)
+        with its rings mapped: if the base (last_avail_idx) disagrees with used->idx
+        in guest memory, restart from used->idx and return it (None: keep the base).
+
+        Our device never holds a chain across a stop, so a disagreement means the
+        previous backend died with chains consumed but not marked used (a frontend
+        that sends its own last_avail_idx after a backend crash). Resyncing to
+        used->idx, as DPDK's and libvhost-user's backends do, makes the guest's view
+        authoritative: on TX those chains are sent again (the dead backend may have
+        written some to the TAP already: duplicates), on RX their buffers are
+        refilled (frames the dead backend had put there but not published are lost).
+        """
+        if v.index not in self._resync_pending or self.packed or not v.mapped or v.addr is None:
+            return None
+        self._resync_pending.discard(v.index)
+        used_idx = self._read_used_idx(v.addr.used)
+        if used_idx is None or used_idx == v.base:
+            return None
+        self.log.warning("vring %d: base %#x disagrees with used idx %#x in guest memory (backend "
+                         "restarted with chains in flight?): resuming at %#x", v.index, v.base, used_idx, used_idx)
+        v.base = used_idx
+        return used_idx
+
+    def _read_used_idx(self, used_uva: int) -> int | None:
+        """le16 used->idx, read with pread from the region's file rather than through
+        the mapping: a frontend that shrank its file gets a short read here, not a
+        SIGBUS in the control plane."""
+        uva = used_uva + 2
+        for m in self.device.mem.regions:
+            r = m.region
+            if r.uva <= uva and uva + 2 <= r.uva + r.size:
+                try:
+                    data = os.pread(m.fd.fd, 2, r.mmap_offset + uva - r.uva)
+                except OSError:
+                    return None
+                return int.from_bytes(data, "little") if len(data) == 2 else None
+        return None
 
     async def get_vring_base(self, state: VringState, _fds) -> bytes:
         v = self.vrings[state.index]
@@ -268,9 +309,11 @@ class Session:
             new = fds[0]
         v = self.vrings[body.index]
         old = v.replace_fd(attr, new)
+        base = None
         if attr == "kick":
             v.started = new is not None
-        self._apply(v)  # C stops watching the old fd first ...
+            base = self._resync_base(v) if v.started else None
+        self._apply(v, base)  # C stops watching the old fd first ...
         if old is not None:
             old.close()  # ... then it is closed
 
@@ -291,4 +334,4 @@ class Session:
             raise RequestError(f"vring {state.index} enable value {state.num:#x} (0 or 1)")
         v = self.vrings[state.index]
         v.enabled = bool(state.num)
-        self._apply(v)
+        self._apply(v, self._resync_base(v) if v.enabled else None)

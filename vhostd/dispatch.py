@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vhostd.connection import OwnedFd, close_all
-from vhostd.errors import NativeError, ProtocolError, RequestError, UnsupportedRequest
+from vhostd.errors import NativeError, ProtocolError, RequestError, SetupError, UnsupportedRequest
 from vhostd.protocol import (
     Header,
     ProtocolFeature,
@@ -105,7 +105,7 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
     """Runs one request; returns the reply message to send, if any.
 
     Raises ProtocolError when the connection must close (malformed payload).
-    A RequestError (or a NativeError from the datapath) becomes a failure reply
+    A RequestError (or a NativeError/SetupError from carrying it out) becomes a failure reply
     where the frontend expects one, plus exactly one log line naming the request;
     the connection lives on. Every fd not taken by a handler is closed here.
     """
@@ -125,9 +125,10 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
             session.check_vring_index(body)
         try:
             result = await getattr(session, row.handler)(body, fds)
-        except NativeError as exc:
-            # The datapath refused a value the checks above let through: still a
-            # refused request, not a reason to drop the connection or the port.
+        except (NativeError, SetupError) as exc:
+            # The datapath refused a value the checks above let through, or the host
+            # cannot carry the request out (NET_SET_MTU without CAP_NET_ADMIN): still
+            # a refused request, not a reason to drop the connection or the port.
             raise RequestError(str(exc)) from None
         fds = []  # the handler took ownership
     except RequestError as exc:

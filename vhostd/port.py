@@ -194,10 +194,6 @@ class Port:
                 loop.add_reader(self.listener.fileno(), self._note_waiting)
             try:
                 await self.session.run()
-            except SetupError as exc:
-                # A request the host cannot carry out (e.g. NET_SET_MTU without
-                # CAP_NET_ADMIN) ends this frontend's session, not the port.
-                self.log.error("frontend session ended: %s", exc)
             finally:
                 if self.listener is not None:
                     loop.remove_reader(self.listener.fileno())

@@ -31,3 +31,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip install -q -e '.[test]'
     echo "$want" > "$stamp"
 fi
+# A dev build (python vhostd/_build_ffi.py) is named _native.cpython-3XX-*.so and
+# would shadow pip's _native.abi3.so: keep only the newest of them.
+newest=$(ls -t vhostd/_native*.so 2>/dev/null | head -1)
+for so in vhostd/_native*.so; do
+    [ -e "$so" ] && [ "$so" != "$newest" ] && rm -f "$so"
+done

@@ -35,4 +35,10 @@ ffibuilder.set_source(
 
 if __name__ == "__main__":
     os.chdir(os.path.dirname(_HERE))
-    ffibuilder.compile(tmpdir=".", verbose=False)
+    built = os.path.abspath(ffibuilder.compile(tmpdir=".", verbose=False))
+    # pip names its build _native.abi3.so, this one _native.cpython-3XX-....so, and
+    # the interpreter prefers the latter: drop every other variant so that the
+    # extension imported is always the one built last.
+    for other in glob.glob(os.path.join(_HERE, "_native*.so")):
+        if os.path.abspath(other) != built:
+            os.unlink(other)

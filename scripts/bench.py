@@ -41,7 +41,6 @@ from harness import CONTENDERS, GSO_FRAME, QUEUE_SIZE, TAP_MTU, Bench  # noqa: E
 from util import REPO, BenchError, log, machine_info, native_fingerprint  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
-DOC_PNG = os.path.join(REPO, "docs", "benchmarks.png")
 KINDS = ("tx", "gso", "rx", "lat")
 
 
@@ -83,7 +82,9 @@ def parse_args(argv):
                     help="write every window + the summary as JSON to PATH (- or no PATH: stdout)")
     ap.add_argument("--plot", metavar="PNG", help="write the plot to PNG")
     ap.add_argument("--update-doc", action="store_true",
-                    help=f"rewrite the results section of docs/benchmarks.md and {os.path.relpath(DOC_PNG, REPO)}")
+                    help="rewrite the results section of docs/benchmarks.md (between its markers) and write "
+                         "the plot next to it as benchmarks.png (unless --plot)")
+    ap.add_argument("--doc", default=DOC, help="the document --update-doc rewrites (default docs/benchmarks.md)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with every process's log")
     args = ap.parse_args(argv)
     q = args.quick
@@ -186,17 +187,18 @@ def main(argv: list[str] | None = None) -> int:
                       "plan": [list(p[1:]) for p in plan if p[0] == 0]},
            "summary": summary, "runs": results, "failures": failures,
            "wall_seconds": time.monotonic() - t_start}
-    png = args.plot or (DOC_PNG if args.update_doc else None)
+    png = args.plot or (os.path.join(os.path.dirname(os.path.abspath(args.doc)), "benchmarks.png")
+                        if args.update_doc else None)
     if png and rc != 130:
         try:
             report.plot(summary, info, png)
         except ImportError:
             log("matplotlib is not installed: no plot (pip install matplotlib, or .[test])")
             png = None
-    if args.update_doc and rc == 0:
-        report.update_doc(DOC, report.results_section(
-            doc, os.path.relpath(png, os.path.dirname(DOC)) if png else None))
-        log(f"updated {os.path.relpath(DOC, REPO)}" + (f" and {os.path.relpath(png, REPO)}" if png else ""))
+    if args.update_doc and rc == 0 and results:
+        report.update_doc(args.doc, report.results_section(
+            doc, os.path.relpath(png, os.path.dirname(os.path.abspath(args.doc))) if png else None))
+        log(f"updated {args.doc}" + (f" and {png}" if png else ""))
     if args.json:
         if args.json == "-":
             json.dump(doc, sys.stdout, indent=1)

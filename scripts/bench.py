@@ -78,6 +78,9 @@ def parse_args(argv):
                     help="CPUs of other load tolerated in a window before it is retried (default 0.15)")
     ap.add_argument("--retries", type=int, help="extra windows when the machine is busy (default 1)")
     ap.add_argument("--max-wait", type=float, help="seconds to wait for a quiet machine before a point (default 5)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="minutes: waits and retries happen only while the run is ahead of this schedule "
+                         "(default 13; 0 = no limit)")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
                     help="write every window + the summary as JSON to PATH (- or no PATH: stdout)")
     ap.add_argument("--plot", metavar="PNG", help="write the plot to PNG")
@@ -96,6 +99,7 @@ def parse_args(argv):
     args.pings = args.pings or (500 if q else 5000)
     args.retries = args.retries if args.retries is not None else (0 if q else 1)
     args.max_wait = args.max_wait if args.max_wait is not None else (0.0 if q else 5.0)
+    args.budget = args.budget if args.budget is not None else (0.0 if q else 13.0)
     args.dirs = [d for d in args.dirs.split(",") if d]
     args.backends = [b for b in args.backends.split(",") if b]
     if any(d not in KINDS for d in args.dirs) or any(b not in CONTENDERS for b in args.backends):
@@ -142,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         bench.setup()
         for i, (rep, kind, size, q, who) in enumerate(plan, 1):
             label = f"{kind} {'64K GSO' if kind == 'gso' else f'{size}B'} q{q} {who} rep {rep + 1}/{args.reps}"
-            if args.max_wait > 0:
+            # behind schedule: no waiting for a quiet machine, no retried windows
+            on_time = not args.budget or time.monotonic() - t_start < args.budget * 60 * (i - 1) / len(plan)
+            bench.retries = args.retries if on_time else 0
+            if args.max_wait > 0 and on_time:
                 busy = bench.wait_quiet()
                 if busy > args.max_foreign:
                     log(f"machine busy ({busy:.2f} CPUs) after {args.max_wait:.0f} s: measuring anyway")
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"machine": info,
            "config": {"command": command.strip(), "quick": args.quick, "sizes": args.sizes, "queues": args.queues,
                       "dirs": args.dirs, "backends": args.backends, "seconds": args.seconds,
-                      "warmup": args.warmup, "reps": args.reps, "pings": args.pings, "rx_sink": args.rx_sink,
+                      "warmup": args.warmup, "reps": args.reps, "budget_min": args.budget, "pings": args.pings, "rx_sink": args.rx_sink,
                       "vhostd_args": args.vhostd_args, "max_foreign": args.max_foreign,
                       "queue_size": QUEUE_SIZE, "tap_mtu": TAP_MTU,
                       "plan": [list(p[1:]) for p in plan if p[0] == 0]},

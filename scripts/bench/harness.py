@@ -77,6 +77,7 @@ class Bench:
         self.seq = 0
         self.bin: dict[str, str] = {}
         self.ksoftirqd = ksoftirqd_pids()
+        self.retries = args.retries      # per point; bench.py sets 0 when behind schedule
 
     # ------------------------------------------------------------ setup / cleanup
 
@@ -244,7 +245,7 @@ class Bench:
         result so noisy points stay visible.
         """
         best = None
-        for attempt in range(1, self.args.retries + 2):
+        for attempt in range(1, self.retries + 2):
             a = self.sample(pids, getters)
             time.sleep(self.args.seconds)
             b = self.sample(pids, getters)

@@ -89,6 +89,8 @@ def parse_args(argv):
                          "the plot next to it as benchmarks.png (unless --plot)")
     ap.add_argument("--doc", default=DOC, help="the document --update-doc rewrites (default docs/benchmarks.md)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with every process's log")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="measure nothing: re-render the tables/plot/doc from a previous run's --json output")
     args = ap.parse_args(argv)
     q = args.quick
     args.sizes = [int(s) for s in (args.sizes or ("64" if q else "64,512,1500")).split(",")]
@@ -120,12 +122,15 @@ def preflight() -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    why = preflight()
-    if why:
-        print(f"bench: {why}", file=sys.stderr)
-        return 1
+def invocation(argv: list[str] | None) -> str:
+    exe = sys.executable
+    py = os.path.relpath(exe, REPO) if exe.startswith(REPO + os.sep) else "python3"
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join([py, "scripts/bench.py"] + [shlex.quote(a) for a in args])
+
+
+def measure(args, argv) -> tuple[dict, int]:
+    """Runs the plan; returns the JSON document and the exit status so far."""
     if not any(f.startswith("_native") and f.endswith(".so") for f in os.listdir(os.path.join(REPO, "vhostd"))):
         log("building vhostd's C extension (vhostd/_build_ffi.py)")
         subprocess.run([sys.executable, "vhostd/_build_ffi.py"], cwd=REPO, check=True)
@@ -182,18 +187,33 @@ def main(argv: list[str] | None = None) -> int:
     if native_fingerprint() != info["vhostd_native"]:
         info["vhostd_native_changed"] = True
         log("warning: vhostd's C extension was rebuilt during the run (figures may mix two builds)")
-    summary = report.summarize(results, args.max_foreign)
-    command = "python3 scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                            else sys.argv[1:]))
     doc = {"machine": info,
-           "config": {"command": command.strip(), "quick": args.quick, "sizes": args.sizes, "queues": args.queues,
-                      "dirs": args.dirs, "backends": args.backends, "seconds": args.seconds,
-                      "warmup": args.warmup, "reps": args.reps, "budget_min": args.budget, "pings": args.pings, "rx_sink": args.rx_sink,
+           "config": {"command": invocation(argv), "quick": args.quick, "sizes": args.sizes,
+                      "queues": args.queues, "dirs": args.dirs, "backends": args.backends,
+                      "seconds": args.seconds, "warmup": args.warmup, "reps": args.reps,
+                      "budget_min": args.budget, "pings": args.pings, "rx_sink": args.rx_sink,
                       "vhostd_args": args.vhostd_args, "max_foreign": args.max_foreign,
                       "queue_size": QUEUE_SIZE, "tap_mtu": TAP_MTU,
                       "plan": [list(p[1:]) for p in plan if p[0] == 0]},
-           "summary": summary, "runs": results, "failures": failures,
+           "summary": report.summarize(results, args.max_foreign), "runs": results, "failures": failures,
            "wall_seconds": time.monotonic() - t_start}
+    return doc, rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            doc = json.load(f)
+        doc["summary"] = report.summarize(doc["runs"], doc["config"]["max_foreign"])
+        rc = 0
+    else:
+        why = preflight()
+        if why:
+            print(f"bench: {why}", file=sys.stderr)
+            return 1
+        doc, rc = measure(args, argv)
+    info, summary, cfg = doc["machine"], doc["summary"], doc["config"]
     png = args.plot or (os.path.join(os.path.dirname(os.path.abspath(args.doc)), "benchmarks.png")
                         if args.update_doc else None)
     if png and rc != 130:
@@ -202,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             log("matplotlib is not installed: no plot (pip install matplotlib, or .[test])")
             png = None
-    if args.update_doc and rc == 0 and results:
+    if args.update_doc and rc == 0 and doc["runs"]:
         report.update_doc(args.doc, report.results_section(
             doc, os.path.relpath(png, os.path.dirname(os.path.abspath(args.doc))) if png else None))
         log(f"updated {args.doc}" + (f" and {png}" if png else ""))
@@ -215,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(doc, f, indent=1)
     if args.json != "-":
         print(f"\nvhostd vs DPDK vhost+TAP vs raw TAP — {info['date']}\n{report.machine_line(info)}\n"
-              f"{args.reps} x {args.seconds:g} s windows; wall time {doc['wall_seconds']:.0f} s\n")
+              f"{cfg['reps']} x {cfg['seconds']:g} s windows; wall time {doc['wall_seconds']:.0f} s\n")
         print(report.markdown_tables(summary))
-        for f in failures:
+        for f in doc["failures"]:
             print(f"FAILED: {f}")
-    if failures and rc == 0:
+    if doc["failures"] and rc == 0:
         rc = 2
     return rc
 

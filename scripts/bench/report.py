@@ -144,6 +144,16 @@ def machine_line(info: dict) -> str:
             f"{' '.join(info.get('loadavg_end', ['?']))} at the end")
 
 
+def noise_line(runs: list[dict], cfg: dict) -> str:
+    ws = [r for r in runs if r["dir"] != "lat"]
+    if not ws:
+        return ""
+    clean = sum(1 for r in ws if r["foreign_cpu"] <= cfg["max_foreign"])
+    fl = sorted(r["foreign_cpu"] for r in ws)
+    return (f"Foreign load (other sessions' CPU use during a window): median {statistics.median(fl):.2f} CPU, "
+            f"max {fl[-1]:.2f} CPU of 2; {clean} of {len(ws)} throughput windows were clean.")
+
+
 def results_section(doc: dict, png_rel: str | None) -> str:
     info, cfg = doc["machine"], doc["config"]
     parts = [f"Run of {info['date']} — `{cfg['command']}` ({cfg['reps']} repetition(s) × "
@@ -152,7 +162,7 @@ def results_section(doc: dict, png_rel: str | None) -> str:
              + (f", vhostd extra args `{cfg['vhostd_args']}`" if cfg.get("vhostd_args") else "") + ").",
              "", f"Machine: {machine_line(info)}.", "",
              "Medians over the clean windows; ⚠ = no window of that point was clean (foreign load above "
-             f"{cfg['max_foreign']} CPU), spread = (max − min) / median.", "",
+             f"{cfg['max_foreign']} CPU), spread = (max − min) / median. " + noise_line(doc["runs"], cfg), "",
              markdown_tables(doc["summary"])]
     if png_rel:
         parts += ["", f"![benchmark plot]({png_rel})", ""]

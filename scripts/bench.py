@@ -36,9 +36,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
 
-import report  # noqa: E402
-from harness import CONTENDERS, GSO_FRAME, QUEUE_SIZE, TAP_MTU, Bench  # noqa: E402
-from util import REPO, BenchError, log, machine_info, native_fingerprint  # noqa: E402
+import report
+from harness import CONTENDERS, GSO_FRAME, QUEUE_SIZE, TAP_MTU, Bench
+from util import REPO, BenchError, log, machine_info, native_fingerprint
 
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
 KINDS = ("tx", "gso", "rx", "lat")

@@ -34,8 +34,7 @@ import sys
 import tempfile
 import time
 
-from util import CLK_TCK, HELPERS, REPO, BenchError, Proc, TestPmd, cpu_times, log, proc_stat_cpus, \
-    read_u64s, run
+from util import CLK_TCK, HELPERS, REPO, BenchError, Proc, TestPmd, cpu_times, log, proc_stat_cpus, read_u64s, run
 
 GEN_CPU, BACKEND_CPU = 0, 1
 TAP_MTU = 9000          # room for every frame size; GSO frames are not bound by it
@@ -192,8 +191,8 @@ class Bench:
         argv = ["taskset", "-c", str(GEN_CPU), "stdbuf", "-o0", "dpdk-testpmd",
                 "--lcores", f"0@{GEN_CPU},1@{GEN_CPU}", "--no-huge", "-m", "1024", "--no-pci",
                 f"--file-prefix={self.prefix('g')}",
-                "--vdev", f"net_virtio_user0,path={sock},queues={queues},queue_size={QUEUE_SIZE},"
-                          f"mrg_rxbuf=0,in_order=0,packed_vq=0{cq}",
+                "--vdev", (f"net_virtio_user0,path={sock},queues={queues},queue_size={QUEUE_SIZE},"
+                           f"mrg_rxbuf=0,in_order=0,packed_vq=0{cq}"),
                 "--", "-i", f"--forward-mode={mode}", f"--txpkts={size}", "--auto-start",
                 "--total-num-mbufs=16384", f"--rxq={queues}", f"--txq={queues}"]
         p = TestPmd(f"{self.seq:03d}-{role}", argv, self.tmp)
@@ -332,7 +331,7 @@ class Bench:
             raw, tap, _ = self.start_raw("tx", queues, size)
             procs, pids, getters = [raw], {"backend": raw.pid}, {}
         else:
-            backend, tap, ctl = self.start_backend(who, sock, queues)
+            backend, tap, _ = self.start_backend(who, sock, queues)
             gen = self.start_testpmd_front("gen", sock, queues, "txonly", size)
             procs, pids = [backend, gen], {"backend": backend.pid, "gen": gen.pid}
             getters = {"gen": gen.port_stats}

@@ -176,7 +176,7 @@ class TestPmd(Proc):
 
 
 def run(argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(argv, capture_output=True, text=True, **kw)
+    r = subprocess.run(argv, capture_output=True, text=True, check=False, **kw)
     if check and r.returncode != 0:
         raise BenchError(f"{' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()}")
     return r
@@ -243,13 +243,15 @@ def machine_info() -> dict:
             mem_gb = int(f.readline().split()[1]) / 2**20
     except (OSError, ValueError, IndexError):
         pass
-    git = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    git = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False)
     dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    dpdk = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpdk-dev"], capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
+    dpdk = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpdk-dev"], capture_output=True, text=True,
+                          check=False)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "kernel": platform.release(), "cpu": model, "ncpu": os.cpu_count(), "mem_gb": round(mem_gb, 1),
             "python": platform.python_version(),
             "vhostd_commit": git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""),

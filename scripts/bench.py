@@ -73,6 +73,9 @@ def parse_args(argv):
     ap.add_argument("--pings", type=int, help="round trips per latency point (default 5000)")
     ap.add_argument("--rx-sink", choices=("testpmd", "vufront"), default="testpmd",
                     help="TAP->guest sink: DPDK virtio-user rxonly (default, busy-polls) or vufront rx (sleeps)")
+    ap.add_argument("--tx-drain", action="store_true",
+                    help="guest->TAP: also consume the frames on the TAP's host side (pktsrc drain, CPU 0); "
+                         "default: the kernel drops them after the TAP counted them")
     ap.add_argument("--vhostd-args", default="", help="extra vhostd options, one shell-quoted string")
     ap.add_argument("--max-foreign", type=float, default=0.15,
                     help="CPUs of other load tolerated in a window before it is retried (default 0.15)")
@@ -192,6 +195,7 @@ def measure(args, argv) -> tuple[dict, int]:
                       "queues": args.queues, "dirs": args.dirs, "backends": args.backends,
                       "seconds": args.seconds, "warmup": args.warmup, "reps": args.reps,
                       "budget_min": args.budget, "pings": args.pings, "rx_sink": args.rx_sink,
+                      "tx_drain": args.tx_drain,
                       "vhostd_args": args.vhostd_args, "max_foreign": args.max_foreign,
                       "queue_size": QUEUE_SIZE, "tap_mtu": TAP_MTU,
                       "plan": [list(p[1:]) for p in plan if p[0] == 0]},

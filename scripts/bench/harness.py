@@ -215,6 +215,21 @@ class Bench:
         st = os.path.join(self.tmp, f"src{self.seq}.st")
         return self.start("pktsrc", self.in_ns(GEN_CPU, [self.bin["pktsrc"], tap, str(size), st])), st
 
+    def add_drain(self, tap: str, procs: list[Proc], pids: dict, getters: dict) -> None:
+        """--tx-drain: pktsrc drain consumes what reaches the TAP's host side (CPU 0)."""
+        if not self.args.tx_drain:
+            return
+        st = os.path.join(self.tmp, f"drain{self.seq}.st")
+        p = self.start("drain", self.in_ns(GEN_CPU, [self.bin["pktsrc"], tap, "64", st, "drain"]))
+        procs.append(p)
+        pids["drain"] = p.pid
+        getters["drain"] = lambda: read_u64s(st, 3)
+
+    def drain_result(self, r: dict, a: dict, b: dict, dt: float) -> None:
+        if "drain" in a["v"]:
+            r["drain_pps"] = (b["v"]["drain"][0] - a["v"]["drain"][0]) / dt
+            r["drain_gbps"] = (b["v"]["drain"][2] - a["v"]["drain"][2]) * 8 / dt / 1e9
+
     def vhostd_stats(self, ctl: str | None) -> list | None:
         """`vhostctl --control CTL stats --json`, the documented interface."""
         if not ctl:
@@ -336,6 +351,7 @@ class Bench:
             procs, pids = [backend, gen], {"backend": backend.pid, "gen": gen.pid}
             getters = {"gen": gen.port_stats}
         getters["tap"] = lambda: self.tap_stats(tap)
+        self.add_drain(tap, procs, pids, getters)
         self.wait_rising("frames on the TAP", lambda: self.tap_stats(tap)["rx_packets"], procs)
         time.sleep(self.args.warmup)
         a, b, dt = self.window(pids, getters, procs)
@@ -345,6 +361,7 @@ class Bench:
         r["tap_rx_dropped"] = tb["rx_dropped"] - ta["rx_dropped"]
         if "gen" in a["v"]:
             r["gen_tx_pps"] = (b["v"]["gen"][2] - a["v"]["gen"][2]) / dt
+        self.drain_result(r, a, b, dt)
         return r
 
     def _gso(self, who: str, size: int, queues: int, sock: str) -> dict:
@@ -358,12 +375,15 @@ class Bench:
         else:
             raise BenchError("gso: DPDK's virtio-user cannot send GSO frames; vhostd and raw only")
         getters = {"tap": lambda: self.tap_stats(tap)}
+        self.add_drain(tap, procs, pids, getters)
         self.wait_rising("GSO frames on the TAP", lambda: self.tap_stats(tap)["rx_bytes"] // 1000, procs)
         time.sleep(self.args.warmup)
         a, b, dt = self.window(pids, getters, procs)
         ta, tb = a["v"]["tap"], b["v"]["tap"]
-        return self.result("gso", who, size, queues, a, b, dt, tb["rx_packets"] - ta["rx_packets"],
-                           tb["rx_bytes"] - ta["rx_bytes"], pids)
+        r = self.result("gso", who, size, queues, a, b, dt, tb["rx_packets"] - ta["rx_packets"],
+                        tb["rx_bytes"] - ta["rx_bytes"], pids)
+        self.drain_result(r, a, b, dt)
+        return r
 
     def _rx(self, who: str, size: int, queues: int, sock: str) -> dict:
         if who == "raw":

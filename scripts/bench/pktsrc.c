@@ -11,8 +11,14 @@
  * which never leave the namespace; each batch carries BATCH flows (UDP source
  * ports) so that a multi-queue TAP spreads them over all its queues.
  *
- * Usage: pktsrc IFNAME FRAME_SIZE STATSFILE
+ * Usage: pktsrc IFNAME FRAME_SIZE STATSFILE [drain]
  * STATSFILE gets 4 u64s updated in place: [0] frames sent, [1] send errors.
+ *
+ * With "drain" it is the host-side consumer instead (scripts/bench.py --tx-drain):
+ * an AF_PACKET socket on the interface takes every incoming frame with recvmmsg()
+ * in batches of 64 (MSG_TRUNC: only the first 128 bytes are copied, the length is
+ * the frame's) and counts it: [0] frames, [1] errors, [2] bytes. FRAME_SIZE is
+ * ignored then.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -34,6 +40,52 @@
 
 #define BATCH 64
 
+static int drain(int ifindex, volatile uint64_t *stats)
+{
+    static uint8_t bufs[BATCH][128];
+    struct sockaddr_ll sll = { .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL),
+                               .sll_ifindex = ifindex };
+    struct sockaddr_ll from[BATCH];
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ALL)), rcvbuf = 64 << 20;
+
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
+        perror("pktsrc: drain socket");
+        return 1;
+    }
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf)) < 0)
+        perror("pktsrc: SO_RCVBUFFORCE (continuing)");
+    for (;;) {
+        int n;
+
+        memset(msgs, 0, sizeof(msgs));
+        for (int i = 0; i < BATCH; i++) {
+            iov[i].iov_base = bufs[i];
+            iov[i].iov_len = sizeof(bufs[i]);
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = &from[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
+        }
+        n = recvmmsg(fd, msgs, BATCH, MSG_TRUNC | MSG_WAITFORONE, NULL);
+        if (n < 0) {
+            stats[1]++;
+            if (errno != EINTR && errno != ENOBUFS) {
+                perror("pktsrc: recvmmsg");
+                return 1;
+            }
+            continue;
+        }
+        for (int i = 0; i < n; i++) {
+            if (from[i].sll_pkttype == PACKET_OUTGOING)
+                continue;
+            stats[0]++;
+            stats[2] += msgs[i].msg_len;
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     static uint8_t frames[BATCH][9018];
@@ -44,8 +96,8 @@ int main(int argc, char **argv)
     int fd, sfd, one = 1, sndbuf = 64 << 20;
     unsigned size;
 
-    if (argc != 4) {
-        fprintf(stderr, "usage: pktsrc IFNAME FRAME_SIZE STATSFILE\n");
+    if (argc != 4 && !(argc == 5 && !strcmp(argv[4], "drain"))) {
+        fprintf(stderr, "usage: pktsrc IFNAME FRAME_SIZE STATSFILE [drain]\n");
         return 2;
     }
     size = (unsigned)atoi(argv[2]);
@@ -64,14 +116,16 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);     /* protocol 0: send only */
-    if (fd < 0) {
-        perror("pktsrc: socket");
-        return 1;
-    }
     sll.sll_ifindex = (int)if_nametoindex(argv[1]);
     if (!sll.sll_ifindex) {
         fprintf(stderr, "pktsrc: no interface %s\n", argv[1]);
+        return 1;
+    }
+    if (argc == 5)
+        return drain(sll.sll_ifindex, stats);
+    fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);     /* protocol 0: send only */
+    if (fd < 0) {
+        perror("pktsrc: socket");
         return 1;
     }
     if (bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {

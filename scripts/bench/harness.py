@@ -152,7 +152,7 @@ class Bench:
         deadline = time.monotonic() + 30
         while not ((sock is None or os.path.exists(sock)) and self.tap_exists(tap)):
             if not p.alive():
-                raise BenchError(f"{p.name} exited:\n{p.tail()}")
+                raise p.died()
             if time.monotonic() > deadline:
                 raise BenchError(f"{p.name}: no socket/TAP after 30 s:\n{p.tail()}")
             time.sleep(0.05)
@@ -207,7 +207,7 @@ class Bench:
         deadline = time.monotonic() + 20
         while read_u64s(st, 1)[0] != 1:
             if not p.alive() or time.monotonic() > deadline:
-                raise BenchError(f"vufront {mode} did not connect:\n{p.tail()}")
+                raise p.died("did not connect")
             time.sleep(0.05)
         return p, st
 
@@ -265,7 +265,7 @@ class Bench:
             b = self.sample(pids, getters)
             for p in procs:
                 if not p.alive():
-                    raise BenchError(f"{p.name} died during the window:\n{p.tail()}")
+                    raise p.died("died during the window")
             dt = b["t"] - a["t"]
             busy = sum(b["stat"][c][0] - a["stat"][c][0] for c in b["stat"]) / CLK_TCK
             # ksoftirqd runs the TAPs' deferred receive work: ours too
@@ -304,7 +304,7 @@ class Bench:
                 return
             for p in procs:
                 if not p.alive():
-                    raise BenchError(f"{p.name} exited while waiting for {what}:\n{p.tail()}")
+                    raise p.died(f"exited while waiting for {what}")
             if time.monotonic() > deadline:
                 raise BenchError(f"no {what} after {timeout:.0f} s:\n" +
                                  "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs))
@@ -436,7 +436,7 @@ class Bench:
         rc = pinger.wait(60 + count / 1000)
         for p in procs:
             if not p.alive():
-                raise BenchError(f"{p.name} died during the pings:\n{p.tail()}")
+                raise p.died("died during the pings")
         line = pinger.tail(1).strip()
         try:
             lat = json.loads(line)

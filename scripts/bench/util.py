@@ -57,6 +57,12 @@ class Proc:
         except OSError:
             return ""
 
+    def died(self, what: str = "exited") -> "BenchError":
+        """A BenchError whose first line ends with the child's last line of output."""
+        tail = self.tail()
+        last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
+        return BenchError(f"{self.name} {what}: {last.strip()[:160]}\n{tail}")
+
     def wait(self, timeout: float) -> int | None:
         try:
             return self.p.wait(timeout)

@@ -51,6 +51,11 @@ def summarize(results: list[dict], max_foreign: float) -> dict:
         for other in ("dpdk", "raw"):
             if "vhostd" in row and other in row and row[other][metric]:
                 row[f"vhostd/{other}"] = row["vhostd"][metric] / row[other][metric]
+                # packets per backend CPU-second: less sensitive to other sessions' load than the rate
+                mine, theirs = row["vhostd"]["cpu_s_per_mpkt"].get("backend"), \
+                    row[other]["cpu_s_per_mpkt"].get("backend")
+                if mine and theirs:
+                    row[f"vhostd/{other} per CPU-s"] = theirs / mine
         rows.append(row)
     lat = []
     for who in CONTENDERS:
@@ -91,12 +96,14 @@ def markdown_tables(summary: dict) -> str:
             out.append(f"| {DIRS[r['dir']]} | {_size(r)} | {r['queues']} | " + " | ".join(cells) +
                        f" | **{_f(r.get('vhostd/dpdk'))}** | **{_f(r.get('vhostd/raw'))}** |")
         out.append("")
-        out.append("CPU seconds per million packets (backend / guest side / host side; guest side = "
+        out.append("CPU seconds per million packets (backend / guest side / host side; the ratios are packets "
+                   "per backend CPU-second, vhostd's over the other's; guest side = "
                    "testpmd txonly or vufront gso for guest→TAP, the sink for TAP→guest; host side = pktsrc; "
                    "pktsrc drain with --tx-drain; raw has no guest side):")
         out.append("")
-        out.append("| direction | frame | queue pairs | vhostd | DPDK | raw | vhostd spread | DPDK spread | raw spread |")
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out.append("| direction | frame | queue pairs | vhostd | DPDK | raw | vhostd / DPDK per CPU-s "
+                   "| vhostd / raw per CPU-s | vhostd spread | DPDK spread | raw spread |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
             cells, spreads = [], []
             for who in CONTENDERS:
@@ -109,7 +116,8 @@ def markdown_tables(summary: dict) -> str:
                 guest = c.get("gen", c.get("sink"))
                 cells.append(" / ".join(_f(v) for v in (c.get("backend"), guest, c.get("src", c.get("drain")))))
                 spreads.append(f"{x['spread'] * 100:.0f} % ({x['n_clean']}/{x['n']})")
-            out.append(f"| {DIRS[r['dir']]} | {_size(r)} | {r['queues']} | " + " | ".join(cells) + " | " +
+            out.append(f"| {DIRS[r['dir']]} | {_size(r)} | {r['queues']} | " + " | ".join(cells) +
+                       f" | {_f(r.get('vhostd/dpdk per CPU-s'))} | {_f(r.get('vhostd/raw per CPU-s'))} | " +
                        " | ".join(spreads) + " |")
         offered = [r for r in rows if r["dir"] == "rx"]
         if offered:

@@ -13,6 +13,10 @@
  * Modes:
  *   tx    write SIZE-byte UDP frames (frames.h) into the TAP as fast as possible
  *   gso   write 64 KB TCP GSO frames (frames.h, vnet header asks for GSO_TCPV4)
+ * Like a backend that reads from a guest's ring, tx and gso cycle through as many
+ * distinct buffers as the frontend's ring has (1024 for tx, 256 for gso, matching
+ * testpmd's and vufront's queue sizes) in a shared memfd mapping (4 KB pages, like
+ * the frontends' guest memory), so the source is not one cache-hot frame.
  *   rx    read frames from the TAP (TUNSETOFFLOAD 0: plain frames)
  *   echo  read a frame, swap its MACs, write it back (the latency reference)
  *
@@ -78,20 +82,42 @@ static void *run(void *arg)
     struct bench_vnet_hdr hdr;
     struct iovec iov[2] = { { &hdr, sizeof(hdr) }, { buf, sizeof(buf) } };
     volatile uint64_t *pk = &stats[1 + 2 * w->q], *by = &stats[2 + 2 * w->q];
+    unsigned nbuf = mode == M_GSO ? 256 : 1024, next = 0;
+    size_t stride = mode == M_GSO ? (sizeof(hdr) + BENCH_GSO_FRAME + 4095) & ~(size_t)4095 :
+                    (sizeof(hdr) + size + 63) & ~(size_t)63;
+    uint8_t *pool = NULL;
 
     memset(&hdr, 0, sizeof(hdr));
-    if (mode == M_TX) {
-        bench_udp_frame(buf, size, (unsigned)w->q);
-        iov[1].iov_len = size;
-    } else if (mode == M_GSO) {
-        bench_gso_frame(&hdr, buf, (unsigned)w->q);
-        iov[1].iov_len = BENCH_GSO_FRAME;
+    if (mode == M_TX || mode == M_GSO) {
+        /* each buffer: [vnet header][frame], like a guest TX buffer, and in the same
+         * kind of memory as vufront's and virtio-user's guest memory (shared memfd) */
+        int mfd = memfd_create("tapraw", MFD_CLOEXEC);
+
+        if (mfd < 0 || ftruncate(mfd, (off_t)(nbuf * stride)) < 0 ||
+            (pool = mmap(NULL, nbuf * stride, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                         mfd, 0)) == MAP_FAILED) {
+            perror("tapraw: buffers");
+            exit(1);
+        }
+        for (unsigned i = 0; i < nbuf; i++) {
+            uint8_t *b = pool + i * stride;
+
+            memset(b, 0, sizeof(hdr));
+            if (mode == M_GSO)
+                bench_gso_frame((struct bench_vnet_hdr *)b, b + sizeof(hdr), (unsigned)w->q);
+            else
+                bench_udp_frame(b + sizeof(hdr), size, (unsigned)w->q);
+        }
+        iov[1].iov_len = mode == M_GSO ? BENCH_GSO_FRAME : size;
     }
     __atomic_add_fetch(&stats[0], 1, __ATOMIC_RELAXED);
     for (;;) {
         long n;
 
-        if (mode == M_TX || mode == M_GSO) {
+        if (pool) {
+            iov[0].iov_base = pool + next * stride;
+            iov[1].iov_base = pool + next * stride + sizeof(hdr);
+            next = next + 1 == nbuf ? 0 : next + 1;
             n = syscall(SYS_writev, w->fd, iov, 2);
         } else {
             iov[1].iov_len = sizeof(buf);

@@ -5,7 +5,7 @@ A point is (kind, frame size, queue pairs, contender):
 
   kind "tx"   guest -> TAP. Guest side: dpdk-testpmd virtio-user --forward-mode=txonly
               (CPU 0). Counted: the TAP's rx_packets/rx_bytes (frames the contender
-              wrote into the kernel).
+              wrote into the kernel; with --tx-drain pktsrc drain also consumes them).
   kind "rx"   TAP -> guest. Host side: pktsrc floods the TAP (CPU 0). Guest side:
               dpdk-testpmd virtio-user --forward-mode=rxonly (CPU 0; or vufront rx
               with --rx-sink vufront). Counted: the sink's RX-packets/RX-bytes.

@@ -37,8 +37,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
 
 import report
-from harness import CONTENDERS, GSO_FRAME, QUEUE_SIZE, TAP_MTU, Bench
-from util import REPO, BenchError, log, machine_info, native_fingerprint
+from harness import BACKEND_CPU, CONTENDERS, GEN_CPU, GSO_FRAME, QUEUE_SIZE, TAP_MTU, Bench
+from util import REPO, BenchError, log, machine_info, native_fingerprint, run
+
+# what scripts that load this file as a module (A/B drivers) use from it
+__all__ = ["BACKEND_CPU", "GEN_CPU", "TAP_MTU", "Bench", "BenchError", "json", "log", "main", "run", "time"]
 
 DOC = os.path.join(REPO, "docs", "benchmarks.md")
 KINDS = ("tx", "gso", "rx", "lat")

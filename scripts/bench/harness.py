@@ -158,7 +158,11 @@ class Bench:
             time.sleep(0.05)
         run(["ip", "-n", self.ns, "link", "set", "dev", tap, "mtu", str(TAP_MTU), "up"])
 
-    def start_backend(self, kind: str, sock: str, queues: int) -> tuple[Proc, str, str | None]:
+    def backend(self, kind: str, sock: str, queues: int) -> tuple[Proc, str, str | None]:
+        # subclasses written against the one-queue harness override start_backend(kind, sock)
+        return self.start_backend(kind, sock) if queues == 1 else self.start_backend(kind, sock, queues)
+
+    def start_backend(self, kind: str, sock: str, queues: int = 1) -> tuple[Proc, str, str | None]:
         """vhostd or DPDK's forwarder; returns (process, TAP, vhostd control path) once socket and TAP exist."""
         if kind == "vhostd":
             tap, ctl = f"vhbv{self.seq}", os.path.join(self.tmp, f"ctl{self.seq}")
@@ -217,7 +221,7 @@ class Bench:
 
     def add_drain(self, tap: str, procs: list[Proc], pids: dict, getters: dict) -> None:
         """--tx-drain: pktsrc drain consumes what reaches the TAP's host side (CPU 0)."""
-        if not self.args.tx_drain:
+        if not getattr(self.args, "tx_drain", False):
             return
         st = os.path.join(self.tmp, f"drain{self.seq}.st")
         p = self.start("drain", self.in_ns(GEN_CPU, [self.bin["pktsrc"], tap, "64", st, "drain"]))
@@ -321,6 +325,8 @@ class Bench:
         mpk = packets / 1e6
         return {"dir": kind, "backend": who, "size": size, "queues": queues, "seconds": dt,
                 "packets": packets, "bytes": nbytes, "pps": packets / dt, "gbps": nbytes * 8 / dt / 1e9,
+                "backend_cpu": cpu["backend"],          # the one-queue harness's keys
+                "pps_per_cpu": packets / dt / cpu["backend"] if cpu["backend"] > 0 else None,
                 "cpu": cpu, "cpu_s_per_mpkt": {k: (b["cpu"][k] - a["cpu"][k]) / mpk if mpk else None
                                                for k in pids},
                 "cpu0_busy": self.cpu_busy(a, b, GEN_CPU), "cpu1_busy": self.cpu_busy(a, b, BACKEND_CPU),
@@ -341,12 +347,19 @@ class Bench:
             if os.path.exists(sock):
                 os.unlink(sock)
 
+    def run_tx(self, kind: str, size: int) -> dict:
+        """The one-queue harness's entry points (scripts/bench/perf_ab.py-style callers)."""
+        return self.point("tx", kind, size, 1)
+
+    def run_rx(self, kind: str, size: int) -> dict:
+        return self.point("rx", kind, size, 1)
+
     def _tx(self, who: str, size: int, queues: int, sock: str) -> dict:
         if who == "raw":
             raw, tap, _ = self.start_raw("tx", queues, size)
             procs, pids, getters = [raw], {"backend": raw.pid}, {}
         else:
-            backend, tap, _ = self.start_backend(who, sock, queues)
+            backend, tap, _ = self.backend(who, sock, queues)
             gen = self.start_testpmd_front("gen", sock, queues, "txonly", size)
             procs, pids = [backend, gen], {"backend": backend.pid, "gen": gen.pid}
             getters = {"gen": gen.port_stats}
@@ -369,7 +382,7 @@ class Bench:
             raw, tap, _ = self.start_raw("gso", queues, 64)
             procs, pids = [raw], {"backend": raw.pid}
         elif who == "vhostd":
-            backend, tap, _ = self.start_backend(who, sock, queues)
+            backend, tap, _ = self.backend(who, sock, queues)
             front, _ = self.start_vufront("gso", sock, queues, GSO_QUEUE_SIZE)
             procs, pids = [backend, front], {"backend": backend.pid, "gen": front.pid}
         else:
@@ -394,8 +407,8 @@ class Bench:
                 v = read_u64s(st, 1 + 2 * queues)
                 return sum(v[1::2]), sum(v[2::2])
         else:
-            backend, tap, _ = self.start_backend(who, sock, queues)
-            if self.args.rx_sink == "testpmd":
+            backend, tap, _ = self.backend(who, sock, queues)
+            if getattr(self.args, "rx_sink", "testpmd") == "testpmd":
                 sink = self.start_testpmd_front("sink", sock, queues, "rxonly", size)
 
                 def count():
@@ -427,11 +440,12 @@ class Bench:
             raw, tap, _ = self.start_raw("echo", 1, 64)
             procs = [raw]
         else:
-            backend, tap, _ = self.start_backend(who, sock, 1)
+            backend, tap, _ = self.backend(who, sock, 1)
             echo, _ = self.start_vufront("echo", sock, 1, 256)
             procs = [backend, echo]
             time.sleep(0.3)
-        count, warm = self.args.pings, max(50, self.args.pings // 20)
+        pings = getattr(self.args, "pings", 5000)
+        count, warm = pings, max(50, pings // 20)
         pinger = self.start("pinger", self.in_ns(GEN_CPU, [self.bin["pinger"], tap, str(count), str(warm)]))
         rc = pinger.wait(60 + count / 1000)
         for p in procs:

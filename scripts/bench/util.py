@@ -57,7 +57,7 @@ class Proc:
         except OSError:
             return ""
 
-    def died(self, what: str = "exited") -> "BenchError":
+    def died(self, what: str = "exited") -> BenchError:
         """A BenchError whose first line ends with the child's last line of output."""
         tail = self.tail()
         last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")

@@ -6,12 +6,19 @@
  * straight to the TAP's xmit, i.e. into the queue the backend reads) and
  * sendmmsg() in batches of 64. The send buffer is forced large so the sender never
  * sleeps on socket memory: when the backend falls behind, the TAP's own queue
- * (txqueuelen frames) overflows and the TAP counts tx_dropped. Addresses are
- * 198.18.0.1 -> 198.18.0.2 (benchmarking range, RFC 2544) and never leave the
- * namespace.
+ * (txqueuelen frames) overflows and the TAP counts tx_dropped. The frames are
+ * frames.h's UDP frames, 198.18.0.1 -> 198.18.0.2 (benchmarking range, RFC 2544),
+ * which never leave the namespace; each batch carries BATCH flows (UDP source
+ * ports) so that a multi-queue TAP spreads them over all its queues.
  *
- * Usage: pktsrc IFNAME FRAME_SIZE STATSFILE
+ * Usage: pktsrc IFNAME FRAME_SIZE STATSFILE [drain]
  * STATSFILE gets 4 u64s updated in place: [0] frames sent, [1] send errors.
+ *
+ * With "drain" it is the host-side consumer instead (scripts/bench.py --tx-drain):
+ * an AF_PACKET socket on the interface takes every incoming frame with recvmmsg()
+ * in batches of 64 (MSG_TRUNC: only the first 128 bytes are copied, the length is
+ * the frame's) and counts it: [0] frames, [1] errors, [2] bytes. FRAME_SIZE is
+ * ignored then.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -29,37 +36,73 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "frames.h"
+
 #define BATCH 64
 
-static uint16_t csum16(const void *p, size_t n)
+static int drain(int ifindex, volatile uint64_t *stats)
 {
-    const uint8_t *b = p;
-    uint32_t s = 0;
+    static uint8_t bufs[BATCH][128];
+    struct sockaddr_ll sll = { .sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_ALL),
+                               .sll_ifindex = ifindex };
+    struct sockaddr_ll from[BATCH];
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ALL)), rcvbuf = 64 << 20;
 
-    for (size_t i = 0; i + 1 < n; i += 2)
-        s += (uint32_t)(b[i] << 8 | b[i + 1]);
-    while (s >> 16)
-        s = (s & 0xffff) + (s >> 16);
-    return (uint16_t)~s;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
+        perror("pktsrc: drain socket");
+        return 1;
+    }
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf)) < 0)
+        perror("pktsrc: SO_RCVBUFFORCE (continuing)");
+    for (;;) {
+        int n;
+
+        memset(msgs, 0, sizeof(msgs));
+        for (int i = 0; i < BATCH; i++) {
+            iov[i].iov_base = bufs[i];
+            iov[i].iov_len = sizeof(bufs[i]);
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = &from[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
+        }
+        n = recvmmsg(fd, msgs, BATCH, MSG_TRUNC | MSG_WAITFORONE, NULL);
+        if (n < 0) {
+            stats[1]++;
+            if (errno != EINTR && errno != ENOBUFS) {
+                perror("pktsrc: recvmmsg");
+                return 1;
+            }
+            continue;
+        }
+        for (int i = 0; i < n; i++) {
+            if (from[i].sll_pkttype == PACKET_OUTGOING)
+                continue;
+            stats[0]++;
+            stats[2] += msgs[i].msg_len;
+        }
+    }
 }
 
 int main(int argc, char **argv)
 {
-    static uint8_t frame[9018];
+    static uint8_t frames[BATCH][9018];
     struct sockaddr_ll sll = { .sll_family = AF_PACKET };
     struct mmsghdr msgs[BATCH];
-    struct iovec iov;
+    struct iovec iov[BATCH];
     uint64_t *stats;
     int fd, sfd, one = 1, sndbuf = 64 << 20;
     unsigned size;
 
-    if (argc != 4) {
-        fprintf(stderr, "usage: pktsrc IFNAME FRAME_SIZE STATSFILE\n");
+    if (argc != 4 && !(argc == 5 && !strcmp(argv[4], "drain"))) {
+        fprintf(stderr, "usage: pktsrc IFNAME FRAME_SIZE STATSFILE [drain]\n");
         return 2;
     }
     size = (unsigned)atoi(argv[2]);
-    if (size < 60 || size > sizeof(frame)) {
-        fprintf(stderr, "pktsrc: frame size must be 60..%zu\n", sizeof(frame));
+    if (size < 60 || size > sizeof(frames[0])) {
+        fprintf(stderr, "pktsrc: frame size must be 60..%zu\n", sizeof(frames[0]));
         return 2;
     }
     sfd = open(argv[3], O_RDWR | O_CREAT | O_TRUNC, 0644);
@@ -73,39 +116,16 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    /* Ethernet: to the "guest" MAC, from a local one; IPv4/UDP 198.18.0.1 -> .2 */
-    const uint8_t dst[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
-    const uint8_t src[6] = { 0x02, 0x00, 0x00, 0x00, 0x00, 0x01 };
-    uint8_t *ip = frame + 14, *udp = ip + 20;
-    uint16_t iplen = (uint16_t)(size - 14), udplen = (uint16_t)(size - 34);
-
-    memcpy(frame, dst, 6);
-    memcpy(frame + 6, src, 6);
-    frame[12] = 0x08;
-    frame[13] = 0x00;
-    ip[0] = 0x45;
-    ip[2] = iplen >> 8;
-    ip[3] = iplen & 0xff;
-    ip[8] = 64;
-    ip[9] = 17;
-    memcpy(ip + 12, (uint8_t[]){ 198, 18, 0, 1 }, 4);
-    memcpy(ip + 16, (uint8_t[]){ 198, 18, 0, 2 }, 4);
-    uint16_t c = csum16(ip, 20);
-    ip[10] = c >> 8;
-    ip[11] = c & 0xff;
-    udp[0] = 0x04; udp[1] = 0xd2;       /* 1234 -> 5678, checksum 0 (none) */
-    udp[2] = 0x16; udp[3] = 0x2e;
-    udp[4] = udplen >> 8;
-    udp[5] = udplen & 0xff;
-
-    fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);     /* protocol 0: send only */
-    if (fd < 0) {
-        perror("pktsrc: socket");
-        return 1;
-    }
     sll.sll_ifindex = (int)if_nametoindex(argv[1]);
     if (!sll.sll_ifindex) {
         fprintf(stderr, "pktsrc: no interface %s\n", argv[1]);
+        return 1;
+    }
+    if (argc == 5)
+        return drain(sll.sll_ifindex, stats);
+    fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);     /* protocol 0: send only */
+    if (fd < 0) {
+        perror("pktsrc: socket");
         return 1;
     }
     if (bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
@@ -117,11 +137,12 @@ int main(int argc, char **argv)
     if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
         perror("pktsrc: SO_SNDBUFFORCE (continuing)");
 
-    iov.iov_base = frame;
-    iov.iov_len = size;
     memset(msgs, 0, sizeof(msgs));
     for (int i = 0; i < BATCH; i++) {
-        msgs[i].msg_hdr.msg_iov = &iov;
+        bench_udp_frame(frames[i], size, (unsigned)i);
+        iov[i].iov_base = frames[i];
+        iov[i].iov_len = size;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
     for (;;) {

@@ -20,7 +20,9 @@ from vhostd.config import (
     DaemonConfig,
     PortConfig,
     check_port,
+    MAX_BUSY_POLL_US,
     load_config,
+    parse_cpus,
     parse_listen,
 )
 from vhostd.errors import SetupError, VhostError
@@ -58,6 +60,12 @@ def vhostd_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=_int_in(68, 65535), metavar="N", help="MTU of the TAP interface")
     p.add_argument("--queues", type=_int_in(1, MAX_QUEUE_PAIRS), default=1, metavar="N",
                    help=f"queue pairs (1..{MAX_QUEUE_PAIRS}, default 1)")
+    p.add_argument("--busy-poll-us", type=_int_in(0, MAX_BUSY_POLL_US), default=0, metavar="N",
+                   help="after traffic, workers poll for N microseconds before sleeping (lower latency, "
+                   "more CPU under load; default 0 = off, an idle port uses no CPU either way)")
+    p.add_argument("--cpu-affinity", metavar="CPUS",
+                   help="pin queue-pair workers: queue pair i runs on the i-th CPU of the list, "
+                   "round robin (e.g. 2,3 or 0-3)")
     p.add_argument("--client", action="store_true",
                    help="connect to QEMU's server=on chardev instead of listening (retries until it can)")
     p.add_argument("--config", metavar="FILE", help="TOML file of ports (see README); SIGHUP reloads it")
@@ -126,6 +134,9 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
     if args.config:
         if args.socket or args.tap or args.fd is not None:
             raise SetupError("--config and a command-line port (--socket/--fd/--tap) are exclusive")
+        if args.busy_poll_us or args.cpu_affinity:
+            raise SetupError("--busy-poll-us and --cpu-affinity are for a command-line port: "
+                             "use the busy_poll_us and cpu_affinity keys of the config file")
         cfg = load_config(args.config)
     else:
         if args.tap is None or (args.socket is None and args.fd is None):
@@ -135,7 +146,9 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
         if args.fd is not None and args.client:
             raise SetupError("--fd is a listening socket: it does not combine with --client")
         port = check_port(PortConfig(socket=args.socket or "", tap=args.tap, netns=args.netns, mac=args.mac,
-                                     mtu=args.mtu, queues=args.queues, client=args.client, fd=args.fd))
+                                     mtu=args.mtu, queues=args.queues, client=args.client, fd=args.fd,
+                                     busy_poll_us=args.busy_poll_us,
+                                     cpu_affinity=parse_cpus(args.cpu_affinity) if args.cpu_affinity else ()))
         cfg = DaemonConfig(ports=[port])
     if args.control_mode is not None:
         if not 0 <= args.control_mode <= 0o777:

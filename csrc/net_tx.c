@@ -237,6 +237,25 @@ static inline ssize_t vr_tx_writev(struct vr_qp *qp, const struct iovec *iov, un
 }
 
 /*
+ * io_uring mode: the kernel copies the frames of a burst one after the other,
+ * each a cache miss (the guest's CPU wrote them). Touching the lines of small
+ * frames here, while the burst is still being assembled, lets those misses
+ * overlap instead of stalling the copy one by one.
+ */
+static inline void vr_tx_prefetch(const struct iovec *g, unsigned n)
+{
+    for (unsigned k = 0; k < n; k++) {
+        const uint8_t *b = g[k].iov_base;
+        size_t l = g[k].iov_len;
+
+        if (l && l <= 256) {
+            __builtin_prefetch(b);
+            __builtin_prefetch(b + l - 1);
+        }
+    }
+}
+
+/*
  * io_uring mode: submits the queued writev()s of slots [0, n) in one
  * io_uring_enter, waits for all of them, counts each result and only then
  * returns the chains used, in the order they were popped. Requests the kernel
@@ -335,6 +354,7 @@ bool vr_tx_process(struct vr_qp *qp)
         }
         if (s->send) {
             s->iov_first += iov_used;
+            vr_tx_prefetch(qp->tx_iov + s->iov_first + 1, s->iov_cnt - 1);
             vr_uring_prep_rw(&qp->ring, IORING_OP_WRITEV, qp->tap_fd, qp->tx_iov + s->iov_first,
                              s->iov_cnt, nslot);
         }

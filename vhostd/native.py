@@ -17,6 +17,11 @@ except ImportError as exc:  # pragma: no cover - a broken install, reported clea
         f"(or `python vhostd/_build_ffi.py` for development): {exc}"
     ) from exc
 
+# VHOSTD_TAP_IO=syscall: one readv/writev per frame even where io_uring works
+# (comparisons, or a kernel whose io_uring misbehaves). Read once, at import.
+if os.environ.get("VHOSTD_TAP_IO") == "syscall":
+    lib.vr_set_io_uring(0)
+
 RX = lib.VR_RX
 TX = lib.VR_TX
 
@@ -44,7 +49,7 @@ def io_mode_line(qps) -> str:
         return "TAP I/O: io_uring (one io_uring_enter per TX burst)"
     errs = {lib.vr_qp_io_error(qp.ptr) for qp in qps} - {0}
     why = (f"io_uring unavailable: {', '.join(sorted(os.strerror(e) for e in errs))}" if errs
-           else "io_uring not used")
+           else "VHOSTD_TAP_IO=syscall" if os.environ.get("VHOSTD_TAP_IO") == "syscall" else "io_uring not used")
     mixed = " for some queue pairs" if lib.VR_IO_URING in modes else ""
     return f"TAP I/O: readv/writev, one syscall per frame{mixed} ({why})"
 

@@ -217,6 +217,8 @@ int main(int argc, char **argv)
     }
     t1 = now();
     c1 = cpu_s();
+    if (!strcmp(mode, "uring"))
+        vr_uring_free(&ring);
     printf("%s%s%s%s size=%u batch=%u%s: %.3f Mpps, %.3f us CPU/frame, cpu %.0f%%, errors %lu\n", mode,
            single ? " (IORING_OP_WRITE, 1 buffer)" : "", fixed ? " fixed-file" : "",
            threaded ? " +1 thread" : "", size,

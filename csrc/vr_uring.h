@@ -65,7 +65,8 @@ static inline void vr_uring_free(struct vr_uring *r)
     /* The kernel tears a closed ring down asynchronously, and with it drops its
      * reference to a registered file: unregister first, synchronously, so that
      * the TAP queue is released when the caller closes its own fd (a port that
-     * reopens the same TAP at once must not find it busy). */
+     * reopens the same TAP at once must not find it busy). With SINGLE_ISSUER
+     * only the ring's own thread may do this. */
     if (r->fd >= 0 && r->reg_fd >= 0)
         syscall(__NR_io_uring_register, r->fd, IORING_UNREGISTER_FILES, NULL, 0);
     if (r->sqes && r->sqes != MAP_FAILED)

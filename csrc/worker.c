@@ -344,6 +344,9 @@ static void *vr_worker(void *arg)
         vr_watch_kick(qp, VR_RX);
         vr_watch_kick(qp, VR_TX);
     }
+    /* Here, not in vr_qp_free(): a SINGLE_ISSUER ring accepts io_uring_register
+     * (unregistering the TAP file) only from the thread that owns it. */
+    vr_uring_free(&qp->ring);
     return NULL;
 }
 
@@ -485,7 +488,6 @@ void vr_qp_free(struct vr_qp *qp)
     pthread_mutex_unlock(&qp->lock);
     vr_ctrl_signal(qp);
     pthread_join(qp->thread, NULL);
-    vr_uring_free(&qp->ring);
     close(qp->epfd);
     close(qp->ctrl_fd);
     close(qp->event_fd);

@@ -400,3 +400,19 @@ def test_daemon_refuses_an_unavailable_cpu(tmp_path, netns):
     assert rc == 1
     assert f"vhostd: error: cpu_affinity: CPU {missing} is not available to vhostd" in d.log()
     d.stop()
+
+
+def test_tap_released_when_the_queue_pair_is_freed(netns):
+    """The io_uring ring holds the TAP fd as a registered file; freeing the queue
+    pair must drop it at once, so that the TAP can be opened again right after
+    its fd is closed (a port reopening after a reload or a restart)."""
+    from vhostd import tap as taplib
+    mem = ffi.new("struct vr_mem *")
+    for _ in range(5):
+        tap = taplib.open_tap("vpr0", netns)
+        qp = lib.vr_qp_new(mem, tap.fds[0].fd)
+        assert qp != ffi.NULL
+        lib.vr_qp_free(qp)
+        tap.close()
+    tap = taplib.open_tap("vpr0", netns)        # SetupError "TAP vpr0 is busy" if still held
+    tap.close()

@@ -32,6 +32,12 @@
 #define VR_SPACE_GPA 0          /* guest-physical: descriptor addresses */
 #define VR_SPACE_UVA 1          /* frontend virtual: SET_VRING_ADDR addresses */
 
+/* How a queue pair's worker talks to its TAP (vr_qp_io_mode). */
+#define VR_IO_SYSCALL 0         /* one readv/writev per frame */
+#define VR_IO_URING 1           /* TX: a burst of writev requests per io_uring_enter */
+
+#define VR_MAX_BUSY_POLL_US 1000000     /* vr_qp_set_busy_poll() limit: 1 s */
+
 /* vq index inside a queue pair */
 #define VR_RX 0
 #define VR_TX 1
@@ -198,6 +204,34 @@ int vr_qp_reset_vq(struct vr_qp *qp, int which);
  * happened (a vq broke). Owned by the qp; Python only watches it and reads it.
  */
 int vr_qp_event_fd(struct vr_qp *qp);
+
+/* --- TAP I/O mode, busy polling, CPU placement (worker.c) --- */
+
+/*
+ * Process-wide switch read by vr_qp_new(): 0 makes new queue pairs use one
+ * readv/writev per frame even where io_uring works (tests, comparisons).
+ * Default 1: io_uring when io_uring_setup() succeeds.
+ */
+void vr_set_io_uring(int allowed);
+
+/* VR_IO_SYSCALL or VR_IO_URING: fixed when vr_qp_new() returns (a ring that
+ * fails later falls back to VR_IO_SYSCALL). */
+int vr_qp_io_mode(struct vr_qp *qp);
+
+/* The errno io_uring set-up failed with (ENOSYS, EPERM, ...), 0 if it was not
+ * tried (vr_set_io_uring(0)) or worked. */
+int vr_qp_io_error(struct vr_qp *qp);
+
+/*
+ * Busy poll window in microseconds (0..VR_MAX_BUSY_POLL_US, 0 = off, the
+ * default): after a burst that moved frames the worker keeps polling its rings
+ * and TAP for this long before it sleeps in epoll again. Paused only.
+ */
+int vr_qp_set_busy_poll(struct vr_qp *qp, uint32_t usecs);
+
+/* Pins the worker thread to one CPU; -1 undoes it. -EINVAL for a CPU that is
+ * not available to the process, -EPERM under a sandbox that forbids it. */
+int vr_qp_set_cpu(struct vr_qp *qp, int cpu);
 
 /* cdef-end */
 

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "vhostd.h"
+#include "vr_uring.h"
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "vhostd datapath assumes a little-endian host (virtio 1.x rings are LE)");
@@ -279,6 +280,21 @@ struct vr_ring_ops {
 
 #define VR_BURST 128                    /* chains per burst before publish + call */
 
+/*
+ * TX in io_uring mode: the chains of one burst, popped and validated first, their
+ * writev()s submitted together, and returned used only after every completion
+ * (the kernel reads guest memory until then). hdr is the local, validated copy of
+ * the vnet header that the TAP gets as iov[0] (it must outlive the submit).
+ */
+struct vr_tx_slot {
+    struct vr_chain c;
+    uint8_t hdr[12] __attribute__((aligned(8)));
+    uint32_t frame_len;
+    unsigned iov_first, iov_cnt;        /* the request's iovecs in tx_iov */
+    int32_t res;                        /* bytes written or -errno */
+    bool send;                          /* false: dropped before the TAP (already counted) */
+};
+
 /* epoll tags (epoll_event.data.u32) */
 #define VR_EV_CTRL 0
 #define VR_EV_KICK_RX 1
@@ -288,6 +304,12 @@ struct vr_ring_ops {
 struct vr_qp {
     struct vr_mem *mem;
     int tap_fd;
+    int io_mode;                        /* VR_IO_SYSCALL or VR_IO_URING (set by the worker at start) */
+    int io_error;                       /* errno io_uring set-up failed with, 0 if not tried or fine */
+    bool io_ready;                      /* under lock: io_mode is final */
+    struct vr_uring ring;               /* VR_IO_URING: the worker's ring, TAP fd registered */
+    uint32_t busy_poll_us;              /* 0: sleep in epoll as soon as there is no work */
+    int cpu;                            /* CPU the worker is pinned to, -1: any */
     bool tap_is_socket;                 /* test stand-in: recvmsg() reports MSG_TRUNC */
     uint64_t features;
     uint32_t vnet_hdr_len;
@@ -310,6 +332,7 @@ struct vr_qp {
 
     /* per-qp scratch: no allocation per packet */
     struct iovec tx_iov[VR_MAX_IOV];
+    struct vr_tx_slot tx_slot[VR_BURST];
     struct iovec rx_iov[VR_MAX_IOV];
     /* RX: chains popped but not yet used, rx_stash[stash_first..+stash_count); their
      * iovecs are rx_iov[rx_stash[stash_first].iov_first .. stash_iov_end). Given

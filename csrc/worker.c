@@ -9,13 +9,16 @@
  * RX wants frames (ring ready + enabled + guest buffers available), so nothing
  * can spin (REFERENCE "Datapath traps").
  */
+#define _GNU_SOURCE                     /* pthread_setaffinity_np, CPU_SET */
 #include <errno.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vr_internal.h"
@@ -194,11 +197,75 @@ static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
     vr_fault_jmp = NULL;
 }
 
+/* ---------------------------------------------------------- TAP I/O mode */
+
+static int vr_io_uring_allowed = 1;     /* vr_set_io_uring(); read by each new worker */
+
+void vr_set_io_uring(int allowed)
+{
+    __atomic_store_n(&vr_io_uring_allowed, allowed != 0, __ATOMIC_RELAXED);
+}
+
+/*
+ * Runs on the worker thread before anything else, so that the ring belongs to
+ * it (SINGLE_ISSUER). io_uring_setup fails with ENOSYS on kernels without it and
+ * with EPERM when sysctl kernel.io_uring_disabled or a seccomp filter forbids
+ * it: the queue pair then uses one readv/writev per frame, which is always
+ * correct. vr_qp_new() waits for the outcome.
+ */
+static void vr_io_init(struct vr_qp *qp)
+{
+    int r;
+
+    qp->io_mode = VR_IO_SYSCALL;
+    qp->io_error = 0;
+    memset(&qp->ring, 0, sizeof(qp->ring));
+    qp->ring.fd = qp->ring.reg_fd = -1;
+    if (qp->tap_fd >= 0 && __atomic_load_n(&vr_io_uring_allowed, __ATOMIC_RELAXED)) {
+        r = vr_uring_init(&qp->ring, VR_BURST);
+        if (r == 0) {
+            vr_uring_register_fd(&qp->ring, qp->tap_fd);   /* optional: plain fd otherwise */
+            qp->io_mode = VR_IO_URING;
+        } else {
+            qp->io_error = -r;
+        }
+    }
+    pthread_mutex_lock(&qp->lock);
+    qp->io_ready = true;
+    pthread_cond_broadcast(&qp->cond);
+    pthread_mutex_unlock(&qp->lock);
+}
+
+/* ------------------------------------------------------------- busy polling */
+
+static inline uint64_t vr_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Frames and drops so far on both vqs: moves when a burst found work. */
+static uint64_t vr_work_count(const struct vr_qp *qp)
+{
+    uint64_t n = 0;
+
+    for (int w = 0; w < 2; w++) {
+        const struct vr_vq_stats *s = &qp->vq[w].stats;
+
+        n += s->packets + s->drop_ring_full + s->drop_tap_busy + s->drop_tap_error +
+             s->drop_bad_hdr + s->drop_disabled;
+    }
+    return n;
+}
+
 static void *vr_worker(void *arg)
 {
     struct vr_qp *qp = arg;
     struct epoll_event evs[8];
     bool tx_more = false, rx_more = false, stop = false;
+    uint64_t poll_until = 0;            /* busy poll: deadline of the current window */
     sigset_t bus;
 
     /* Workers start with every signal blocked; a synchronous SIGBUS while blocked
@@ -206,9 +273,26 @@ static void *vr_worker(void *arg)
     sigemptyset(&bus);
     sigaddset(&bus, SIGBUS);
     pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
+    vr_io_init(qp);
 
     while (!stop) {
-        int n = epoll_wait(qp->epfd, evs, 8, (tx_more || rx_more) ? 0 : -1);
+        bool polling = false;
+        int n;
+
+        /*
+         * Busy poll (busy_poll_us > 0): after a burst that moved frames, keep
+         * looking at both rings and the TAP without sleeping for up to
+         * busy_poll_us, so that the next frame needs no kick, no wake-up and no
+         * call-to-wake latency. Each frame found re-arms the window; a window
+         * with nothing in it ends in epoll as usual, so an idle port sleeps.
+         */
+        if (!tx_more && !rx_more && poll_until) {
+            if (vr_now_ns() < poll_until)
+                polling = true;
+            else
+                poll_until = 0;
+        }
+        n = epoll_wait(qp->epfd, evs, 8, (tx_more || rx_more || polling) ? 0 : -1);
 
         if (n < 0 && errno != EINTR)
             n = 0;
@@ -245,11 +329,24 @@ static void *vr_worker(void *arg)
         }
         if (stop)
             break;
-        vr_bursts(qp, &tx_more, &rx_more);
+        if (qp->busy_poll_us) {
+            uint64_t before = vr_work_count(qp);
+
+            if (polling)
+                tx_more = rx_more = true;
+            vr_bursts(qp, &tx_more, &rx_more);
+            if (vr_work_count(qp) != before)
+                poll_until = vr_now_ns() + (uint64_t)qp->busy_poll_us * 1000u;
+        } else {
+            vr_bursts(qp, &tx_more, &rx_more);
+        }
         /* A vq that broke stops being watched. */
         vr_watch_kick(qp, VR_RX);
         vr_watch_kick(qp, VR_TX);
     }
+    /* Here, not in vr_qp_free(): a SINGLE_ISSUER ring accepts io_uring_register
+     * (unregistering the TAP file) only from the thread that owns it. */
+    vr_uring_free(&qp->ring);
     return NULL;
 }
 
@@ -326,6 +423,8 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
     qp->tap_is_socket = tap_fd >= 0 && fstat(tap_fd, &st) == 0 && S_ISSOCK(st.st_mode);
     qp->vnet_hdr_len = 12;
     qp->mtu = 1500;
+    qp->cpu = -1;
+    qp->ring.fd = qp->ring.reg_fd = -1;
     vr_qp_update_rx_need(qp);
     vr_vq_init(&qp->vq[VR_RX], 0);
     vr_vq_init(&qp->vq[VR_TX], 0);
@@ -353,6 +452,10 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
         pthread_mutex_destroy(&qp->lock);
         goto fail_fds;
     }
+    pthread_mutex_lock(&qp->lock);
+    while (!qp->io_ready)
+        pthread_cond_wait(&qp->cond, &qp->lock);
+    pthread_mutex_unlock(&qp->lock);
     return qp;
 
 fail_fds:
@@ -592,4 +695,49 @@ int vr_qp_mapped(struct vr_qp *qp, int which)
 int vr_qp_event_fd(struct vr_qp *qp)
 {
     return qp ? qp->event_fd : -EINVAL;
+}
+
+int vr_qp_io_mode(struct vr_qp *qp)
+{
+    return qp ? qp->io_mode : -EINVAL;
+}
+
+int vr_qp_io_error(struct vr_qp *qp)
+{
+    return qp ? qp->io_error : -EINVAL;
+}
+
+int vr_qp_set_busy_poll(struct vr_qp *qp, uint32_t usecs)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    if (usecs > VR_MAX_BUSY_POLL_US)
+        return -EINVAL;
+    qp->busy_poll_us = usecs;
+    return 0;
+}
+
+/*
+ * Pins the worker to `cpu` (-1: every CPU the process may use). EINVAL for a
+ * CPU that does not exist, is offline or is outside the process's cpuset;
+ * EPERM if a sandbox forbids sched_setaffinity.
+ */
+int vr_qp_set_cpu(struct vr_qp *qp, int cpu)
+{
+    cpu_set_t set;
+    int r;
+
+    if (!qp || cpu < -1 || cpu >= CPU_SETSIZE)
+        return -EINVAL;
+    if (cpu < 0) {
+        if (sched_getaffinity(0, sizeof(set), &set) < 0)
+            return -errno;
+    } else {
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+    }
+    r = pthread_setaffinity_np(qp->thread, sizeof(set), &set);
+    if (r)
+        return -r;
+    qp->cpu = cpu;
+    return 0;
 }

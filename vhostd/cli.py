@@ -22,8 +22,10 @@ from vhostd.config import (
     PortConfig,
     apply_control_access,
     check_port,
+    MAX_BUSY_POLL_US,
     load_config,
     parse_group,
+    parse_cpus,
     parse_listen,
     parse_mode,
     parse_owner,
@@ -63,6 +65,12 @@ def vhostd_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=_int_in(68, 65535), metavar="N", help="MTU of the TAP interface")
     p.add_argument("--queues", type=_int_in(1, MAX_QUEUE_PAIRS), default=1, metavar="N",
                    help=f"queue pairs (1..{MAX_QUEUE_PAIRS}, default 1)")
+    p.add_argument("--busy-poll-us", type=_int_in(0, MAX_BUSY_POLL_US), default=0, metavar="N",
+                   help="after traffic, workers poll for N microseconds before sleeping (lower latency, "
+                   "more CPU under load; default 0 = off, an idle port uses no CPU either way)")
+    p.add_argument("--cpu-affinity", metavar="CPUS",
+                   help="pin queue-pair workers: queue pair i runs on the i-th CPU of the list, "
+                   "round robin (e.g. 2,3 or 0-3)")
     p.add_argument("--client", action="store_true",
                    help="connect to QEMU's server=on chardev instead of listening (retries until it can)")
     p.add_argument("--remove-tap", action="store_true",
@@ -148,6 +156,9 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
             raise SetupError("--config and a command-line port (--socket/--fd/--tap) are exclusive")
         if args.remove_tap:
             raise SetupError("--remove-tap is for a command-line port; in a config file use remove_tap = true")
+        if args.busy_poll_us or args.cpu_affinity:
+            raise SetupError("--busy-poll-us and --cpu-affinity are for a command-line port: "
+                             "use the busy_poll_us and cpu_affinity keys of the config file")
         cfg = load_config(args.config)
         if access:  # the command line wins over the file's top-level keys
             cfg.socket_defaults.update(access)
@@ -162,7 +173,9 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
             raise SetupError("--fd is a listening socket: it does not combine with --client")
         port = check_port(PortConfig(socket=args.socket or "", tap=args.tap, netns=args.netns, mac=args.mac,
                                      mtu=args.mtu, queues=args.queues, client=args.client, fd=args.fd,
-                                     remove_tap=args.remove_tap, **access))
+                                     remove_tap=args.remove_tap, busy_poll_us=args.busy_poll_us,
+                                     cpu_affinity=parse_cpus(args.cpu_affinity) if args.cpu_affinity else (),
+                                     **access))
         cfg = DaemonConfig(ports=[port], socket_defaults=access)
         apply_control_access(cfg)
     if args.control_mode is not None:

@@ -19,12 +19,15 @@
                                               #   del-port if vhostd created it
     socket_owner / socket_group / socket_mode # optional: this port's socket (default: the
                                               #   top-level keys)
+    busy_poll_us = 0                          # optional: busy-poll window after traffic, 0 = off
+    cpu_affinity = [2, 3]                     # optional: CPU of queue pair 0, 1, ... (round robin)
 
 Every error names the file, the port and the key, in one line.
 """
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
 import tomllib
@@ -34,6 +37,7 @@ from vhostd.errors import SetupError
 
 MAX_QUEUE_PAIRS = 16
 DEFAULT_SOCKET_MODE = 0o660
+MAX_BUSY_POLL_US = 1_000_000  # csrc/vhostd.h VR_MAX_BUSY_POLL_US
 DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
@@ -54,6 +58,8 @@ class PortConfig:
     socket_uid: int | None = None  # owner of the socket vhostd binds (None: ours)
     socket_gid: int | None = None  # group of it (None: our primary group)
     socket_mode: int = DEFAULT_SOCKET_MODE
+    busy_poll_us: int = 0  # busy-poll window of each worker after traffic (0: sleep at once)
+    cpu_affinity: tuple[int, ...] = ()  # queue pair i's worker runs on cpu_affinity[i % len]
 
     def __post_init__(self):
         if not self.name:
@@ -143,11 +149,52 @@ def check_port(p: PortConfig, where: str = "") -> PortConfig:
         raise SetupError(f"{at}mac {p.mac!r} is not xx:xx:xx:xx:xx:xx")
     if p.mac is not None:
         p = replace(p, mac=p.mac.lower())
+    if not 0 <= p.busy_poll_us <= MAX_BUSY_POLL_US:
+        raise SetupError(f"{at}busy_poll_us {p.busy_poll_us} out of range (0..{MAX_BUSY_POLL_US})")
+    if p.cpu_affinity:
+        usable = os.sched_getaffinity(0)
+        for cpu in p.cpu_affinity:
+            if cpu not in usable:
+                raise SetupError(f"{at}cpu_affinity: CPU {cpu} is not available to vhostd "
+                                 f"(usable: {format_cpus(usable)})")
+        if len(set(p.cpu_affinity)) != len(p.cpu_affinity):
+            raise SetupError(f"{at}cpu_affinity lists a CPU twice")
     return p
 
 
+def format_cpus(cpus) -> str:
+    """{0, 1, 2, 5} -> '0-2,5'."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """'2,3' or '0-3,6' -> a tuple of CPU numbers, in the order given."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise SetupError(f"cpu_affinity {text!r} is not a CPU list like 2,3 or 0-3") from None
+        if a < 0 or b < a:
+            raise SetupError(f"cpu_affinity {text!r} is not a CPU list like 2,3 or 0-3")
+        cpus.extend(range(a, b + 1))
+    return tuple(cpus)
+
+
 _PORT_KEYS = {"name": str, "socket": str, "tap": str, "netns": str, "mac": str, "mtu": int, "queues": int,
-              "client": bool, "remove_tap": bool}
+              "client": bool, "remove_tap": bool, "busy_poll_us": int, "cpu_affinity": list}
 _ACCESS_KEYS = ("socket_owner", "socket_group", "socket_mode")
 
 
@@ -164,6 +211,11 @@ def port_from_dict(d: dict, where: str, defaults: dict | None = None) -> PortCon
         if key not in d:
             raise SetupError(f"{where}: {key} is required")
     fields = {k: v for k, v in d.items() if k in _PORT_KEYS}
+    if "cpu_affinity" in fields:
+        cpus = fields["cpu_affinity"]
+        if not cpus or any(type(c) is not int or c < 0 for c in cpus):
+            raise SetupError(f"{where}: cpu_affinity must be a non-empty list of CPU numbers, e.g. [2, 3]")
+        fields["cpu_affinity"] = tuple(cpus)
     fields.update(defaults or {})
     fields.update(socket_access(d, where))
     return check_port(PortConfig(**fields), where)

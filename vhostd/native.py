@@ -5,7 +5,9 @@ NativeError here and nowhere else.
 """
 from __future__ import annotations
 
-from vhostd.errors import NativeError
+import os
+
+from vhostd.errors import NativeError, SetupError
 
 try:
     from vhostd._native import ffi, lib  # noqa: F401  (re-exported)
@@ -14,6 +16,11 @@ except ImportError as exc:  # pragma: no cover - a broken install, reported clea
         "vhostd's C extension is not built: run `pip install .` in the source tree "
         f"(or `python vhostd/_build_ffi.py` for development): {exc}"
     ) from exc
+
+# VHOSTD_TAP_IO=syscall: one readv/writev per frame even where io_uring works
+# (comparisons, or a kernel whose io_uring misbehaves). Read once, at import.
+if os.environ.get("VHOSTD_TAP_IO") == "syscall":
+    lib.vr_set_io_uring(0)
 
 RX = lib.VR_RX
 TX = lib.VR_TX
@@ -33,3 +40,29 @@ def check(rc: int, what: str) -> int:
     if rc < 0:
         raise NativeError(-rc, what)
     return rc
+
+
+def io_mode_line(qps) -> str:
+    """One log line: how the port's queue pairs talk to the TAP, and why."""
+    modes = {lib.vr_qp_io_mode(qp.ptr) for qp in qps}
+    if modes == {lib.VR_IO_URING}:
+        return "TAP I/O: io_uring (one io_uring_enter per TX burst)"
+    errs = {lib.vr_qp_io_error(qp.ptr) for qp in qps} - {0}
+    why = (f"io_uring unavailable: {', '.join(sorted(os.strerror(e) for e in errs))}" if errs
+           else "VHOSTD_TAP_IO=syscall" if os.environ.get("VHOSTD_TAP_IO") == "syscall" else "io_uring not used")
+    mixed = " for some queue pairs" if lib.VR_IO_URING in modes else ""
+    return f"TAP I/O: readv/writev, one syscall per frame{mixed} ({why})"
+
+
+def configure_workers(qps, busy_poll_us: int, cpus: tuple[int, ...]) -> None:
+    """Busy-poll window and CPU placement of each queue pair's worker
+    (queue pair i on cpus[i % len(cpus)]). Raises SetupError."""
+    for qp in qps:
+        if busy_poll_us:
+            with qp.paused():
+                check(lib.vr_qp_set_busy_poll(qp.ptr, busy_poll_us), f"busy poll {busy_poll_us} us")
+        if cpus:
+            cpu = cpus[qp.index % len(cpus)]
+            rc = lib.vr_qp_set_cpu(qp.ptr, cpu)
+            if rc < 0:
+                raise SetupError(f"cannot pin queue pair {qp.index} to CPU {cpu}: {os.strerror(-rc)}")

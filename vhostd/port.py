@@ -17,6 +17,7 @@ import stat
 import struct
 import time
 
+from vhostd import native
 from vhostd import tap as taplib
 from vhostd.config import DEFAULT_SOCKET_MODE, PortConfig
 from vhostd.connection import Connection
@@ -141,6 +142,12 @@ class Port:
         except BaseException:
             tap.close(remove=tap.created)  # a TAP this failed attempt created goes again
             raise
+        try:
+            native.configure_workers(self.device.qps, c.busy_poll_us, c.cpu_affinity)
+        except BaseException:
+            self.device.close()
+            self.device = None
+            raise
         loop = asyncio.get_running_loop()
         for qp in self.device.qps:
             loop.add_reader(qp.event_fd, self._on_datapath_event)
@@ -153,6 +160,7 @@ class Port:
             "TAP %s%s (%s), %d queue pair(s), %s %s", c.tap, where, state, c.queues,
             "connecting to" if c.client else "listening on", c.socket,
         )
+        self.log.info("%s", native.io_mode_line(self.device.qps))
 
     def _on_datapath_event(self) -> None:
         for line in self.device.check_events():

@@ -90,6 +90,7 @@ static struct vr_mem mem;
 static uint8_t *r01, *r2;              /* our views of the regions */
 static int tap_fd = -1, peer_fd = -1;
 static int efd[2][3];                  /* kick, call, err per vq */
+static bool verbose;                   /* FUZZ_RINGS_VERBOSE=1: counters per input (seed debugging) */
 
 static void die(const char *what)
 {
@@ -122,6 +123,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 
     (void)argc;
     (void)argv;
+    verbose = getenv("FUZZ_RINGS_VERBOSE") != NULL;
     /* R0 and R1: one mapping each, so that gpa-adjacent bytes are not adjacent here. */
     r01 = map_region(R01_SIZE, 0, R0_GPA);
     if (map_region(R01_SIZE, 1, R1_GPA) == NULL)
@@ -363,6 +365,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
          * worker gives it another chance at every resume, and so do we. */
         qp->tap_dead = false;
     }
+    if (verbose)
+        for (int w = 0; w < 2; w++) {
+            const struct vr_vq_stats *st = vr_qp_stats(qp, w);
+
+            fprintf(stderr, "%s: packets %lu bytes %lu ring_full %lu tap_busy %lu tap_error %lu "
+                    "bad_desc %lu bad_hdr %lu disabled %lu calls %lu suppressed %lu broken %u (%#x)\n",
+                    w == VR_TX ? "tx" : "rx", st->packets, st->bytes, st->drop_ring_full,
+                    st->drop_tap_busy, st->drop_tap_error, st->drop_bad_desc, st->drop_bad_hdr,
+                    st->drop_disabled, st->calls, st->calls_suppressed, st->broken, st->broken_detail);
+        }
     drain(tap_fd);
     vr_qp_resume(qp);
     vr_qp_free(qp);

@@ -50,10 +50,11 @@ def eth_frame(n: int, seed: int = 0) -> bytes:
 class Seed:
     """Guest memory + an RX and a TX ring, as fuzz_rings.c will map them."""
 
-    def __init__(self, packed=False, num=8, event_idx=False, indirect=False, buf_region=None):
+    def __init__(self, packed=False, num=8, event_idx=False, indirect=False, buf_region=None, rx_num=None):
         self.mem = GuestMemory(layout=LAYOUT)
         cls = PackedRing if packed else SplitRing
-        self.rx = cls(self.mem, num, event_idx=event_idx, indirect=indirect, region=0, buf_region=buf_region)
+        self.rx = cls(self.mem, rx_num or num, event_idx=event_idx, indirect=indirect, region=0,
+                      buf_region=buf_region)
         self.tx = cls(self.mem, num, event_idx=event_idx, indirect=indirect, region=0, buf_region=buf_region)
         self.packed = packed
         self.features = (FZ_PACKED if packed else 0) | (FZ_EVENT_IDX if event_idx else 0) | \
@@ -171,6 +172,32 @@ def seeds():
     s.tx.add_out([tx_blob(100, 14, flags=2, gso_type=7)]); s.tx.publish()
     s.rx.add_chain([b"y" * 20], [600]); s.rx.publish()
     yield "packed-bad-header-readable-rx", s.encode(frames=[100])
+
+    # Iovec limits: a TX chain of more than VR_MAX_IOV segments (an indirect table whose
+    # buffers each cross the R0/R1 boundary), and mergeable RX chains of many segments
+    # that exhaust the RX iovecs before rx_need (GSO-sized) is reached.
+    def crossing_table(ring, n, write):
+        table = s.mem.alloc(16 * n, 16, 0)
+        flag = VRING_DESC_F_WRITE if write else 0
+        for i in range(n):
+            last = i == n - 1
+            s.mem.write(table + 16 * i, _DESC.pack(0x10000 - 8, 16, flag | (0 if last else VRING_DESC_F_NEXT),
+                                                   0 if last else i + 1))
+        return table
+
+    s = Seed(num=512, indirect=True, rx_num=4)
+    head = s.tx.reserve_desc(1)[0]
+    s.tx.write_desc(head, crossing_table(s.tx, 512, False), 16 * 512, VRING_DESC_F_INDIRECT)
+    s.tx.push_avail(head); s.tx.publish()
+    yield "split-tx-too-many-segments", s.encode()
+    s = Seed(num=4, indirect=True, rx_num=64)
+    for _ in range(40):
+        head = s.rx.reserve_desc(1)[0]
+        s.rx.write_desc(head, crossing_table(s.rx, 16, True), 16 * 16, VRING_DESC_F_INDIRECT)
+        s.rx.push_avail(head)
+    s.rx.publish()
+    yield "split-rx-mrg-iov-exhausted", s.encode(features=FZ_MRG | FZ_CSUM | FZ_GUEST_GSO,
+                                                 frames=[300, 4000, 100, 9000], rounds=2)
 
 
 def main() -> None:

@@ -51,7 +51,6 @@
 #define R01_SIZE 0x10000ull
 #define R2_SIZE 0x1000ull
 #define IMAGE_MAX (2 * R01_SIZE)
-#define MAX_FRAMES 16
 #define MAX_ROUNDS 4
 
 /* Feature selection (cfg.features bits) -> virtio bits */
@@ -82,7 +81,7 @@ struct __attribute__((packed)) fuzz_cfg {
     uint32_t desc[2], avail[2], used[2];  /* guest-physical addresses of the ring parts */
     uint16_t mtu;
     uint8_t rounds;
-    uint8_t nframes;                   /* RX frames queued on the TAP stand-in per round */
+    uint8_t nframes;                   /* RX frames queued on the TAP stand-in per round (> VR_BURST possible) */
     uint16_t frame_len[4];             /* cycled */
 };
 
@@ -286,7 +285,7 @@ static void queue_frames(const struct fuzz_cfg *cfg)
 {
     static uint8_t frame[65550 + 12];
 
-    for (unsigned i = 0; i < cfg->nframes % (MAX_FRAMES + 1); i++) {
+    for (unsigned i = 0; i < cfg->nframes; i++) {
         uint16_t len = cfg->frame_len[i % 4];
 
         memset(frame, 0x5a ^ i, len);

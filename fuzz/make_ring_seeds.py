@@ -120,6 +120,12 @@ def seeds():
                           csum_offset=16)])
     s.tx.add_out([tx_blob(300, 8, flags=1, csum_start=34, csum_offset=6)])
     s.tx.add_out([tx_blob(300, 9, gso_type=3, gso_size=100, hdr_len=42)])
+    s.tx.add_out([tx_blob(1400, 15, flags=1, gso_type=4, hdr_len=74, gso_size=1428, csum_start=54,
+                          csum_offset=16)])
+    s.tx.add_out([tx_blob(1400, 16, flags=1, gso_type=5, hdr_len=42, gso_size=1000, csum_start=34,
+                          csum_offset=6)])
+    s.tx.add_out([tx_blob(1400, 17, flags=1, gso_type=0x81, hdr_len=54, gso_size=1448, csum_start=34,
+                          csum_offset=16)])
     s.tx.publish()
     s.rx.add_in([2000]); s.rx.publish()
     yield "split-offloads", s.encode(features=FZ_CSUM | FZ_HOST_GSO | FZ_GUEST_GSO, frames=[1500])
@@ -198,6 +204,14 @@ def seeds():
     s.rx.publish()
     yield "split-rx-mrg-iov-exhausted", s.encode(features=FZ_MRG | FZ_CSUM | FZ_GUEST_GSO,
                                                  frames=[300, 4000, 100, 9000], rounds=2)
+
+
+    # A packed chain of more than VR_MAX_IOV segments on each ring (one indirect table each)
+    s = Seed(packed=True, num=520, indirect=True)
+    for ring, flag in ((s.tx, 0), (s.rx, VRING_DESC_F_WRITE)):
+        ring.make_indirect([(0x10000 - 8, 16, flag)] * 520)
+        ring.publish()
+    yield "packed-too-many-segments", s.encode(features=FZ_MRG, frames=[100])
 
 
 def main() -> None:

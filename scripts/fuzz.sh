@@ -74,7 +74,8 @@ for t in "${targets[@]}"; do
                 netns=vhd-fuzz-$$
                 ip netns add "$netns"
             fi
-            cmd=(env VHOSTD_FUZZ_NETNS="$netns" "$PY" fuzz/fuzz_messages.py -max_len=8192)
+            cmd=(env VHOSTD_FUZZ_NETNS="$netns" "$PY" fuzz/fuzz_messages.py -max_len=8192 -len_control=0
+                 -dict=fuzz/messages.dict)
             ;;
     esac
     echo "fuzz.sh: $t for ${seconds}s from $(find "fuzz/corpus/$t" -type f | wc -l) seeds"

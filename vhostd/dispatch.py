@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vhostd.connection import OwnedFd, close_all
-from vhostd.errors import ProtocolError, RequestError, UnsupportedRequest
+from vhostd.errors import NativeError, ProtocolError, RequestError, UnsupportedRequest
 from vhostd.protocol import (
     Header,
     ProtocolFeature,
@@ -128,7 +128,12 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
             raise RequestError(f"{name}: {len(fds)} fds attached, expected {lo}..{hi}")
         if row.vring:
             session.check_vring_index(body)
-        result = await getattr(session, row.handler)(body, fds)
+        try:
+            result = await getattr(session, row.handler)(body, fds)
+        except NativeError as exc:
+            # The datapath refused a value the checks above let through: still a
+            # refused request, not a reason to drop the connection or the port.
+            raise RequestError(str(exc)) from None
         fds = []  # the handler took ownership
     except RequestError as exc:
         close_all(fds)

@@ -13,7 +13,7 @@ import time
 from vhostd import tap as taplib
 from vhostd.connection import Connection, OwnedFd, close_all
 from vhostd.dispatch import dispatch
-from vhostd.errors import ProtocolError, RequestError
+from vhostd.errors import ProtocolError, RequestError, SetupError
 from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names, validate_vring_index
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
@@ -159,7 +159,10 @@ class Session:
         if not 68 <= mtu <= 65535:
             raise RequestError(f"MTU {mtu} out of range (68..65535)")
         if mtu != self.device.mtu:
-            await asyncio.to_thread(taplib.configure_link, self.device.tap, mtu)
+            try:
+                await asyncio.to_thread(taplib.configure_link, self.device.tap, mtu)
+            except SetupError as exc:  # e.g. above the TAP's max MTU (65521): refuse the request
+                raise RequestError(f"MTU {mtu}: {exc}") from None
             self.device.set_mtu(mtu)
         self.log.info("MTU %d", mtu)
 

@@ -26,6 +26,12 @@
  * TX frames drained from it. Work per input is bounded: VR_BURST chains per
  * call, chain walks bounded by the queue size, at most 4 rounds.
  *
+ * With FZ_WORKER (bit 7 of cfg.rounds) the input then goes on through the
+ * worker thread as in the daemon: resume, kick both rings, wait for the
+ * worker's call/err signals (at most WORKER_WAIT_MS), pause again. This covers
+ * the epoll loop (kick and TAP watching, resync after resume) at the price of
+ * some timing dependence; the parked-ring checks apply the same way.
+ *
  * Beyond the sanitizers, each round checks the invariant every parked ring
  * must satisfy: everything popped was pushed (and published) or given back, so
  * processing leaves the distance between the avail and used positions as
@@ -38,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -52,6 +59,8 @@
 #define R2_SIZE 0x1000ull
 #define IMAGE_MAX (2 * R01_SIZE)
 #define MAX_ROUNDS 4
+#define FZ_WORKER 0x80                 /* cfg.rounds: then run the worker thread once */
+#define WORKER_WAIT_MS 2
 
 /* Feature selection (cfg.features bits) -> virtio bits */
 #define FZ_PACKED (1u << 0)
@@ -329,7 +338,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     vr_qp_map(qp);
     note_parked(qp);
 
-    rounds = 1 + cfg.rounds % MAX_ROUNDS;
+    /* With FZ_WORKER 0..3 synchronous rounds come first, else 1..4. */
+    rounds = (cfg.rounds & FZ_WORKER) ? (cfg.rounds & ~FZ_WORKER) % MAX_ROUNDS : 1 + cfg.rounds % MAX_ROUNDS;
     for (unsigned r = 0; r < rounds; r++) {
         queue_frames(&cfg);
         vr_tx_process(qp);
@@ -364,15 +374,34 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
          * worker gives it another chance at every resume, and so do we. */
         qp->tap_dead = false;
     }
+    if (cfg.rounds & FZ_WORKER) {
+        struct pollfd pfd[4];
+        uint64_t one = 1;
+
+        queue_frames(&cfg);
+        note_parked(qp);
+        if (vr_qp_resume(qp) != 0)
+            abort();
+        for (int w = 0; w < 2; w++) {
+            if (write(efd[w][0], &one, sizeof(one)) < 0)
+                die("kick");
+            pfd[2 * w] = (struct pollfd){ .fd = efd[w][1], .events = POLLIN };
+            pfd[2 * w + 1] = (struct pollfd){ .fd = efd[w][2], .events = POLLIN };
+        }
+        poll(pfd, 4, WORKER_WAIT_MS);
+        if (vr_qp_pause(qp) != 0)
+            abort();
+        check_parked(qp);
+    }
     if (verbose)
         for (int w = 0; w < 2; w++) {
             const struct vr_vq_stats *st = vr_qp_stats(qp, w);
 
             fprintf(stderr, "%s: packets %lu bytes %lu ring_full %lu tap_busy %lu tap_error %lu "
-                    "bad_desc %lu bad_hdr %lu disabled %lu calls %lu suppressed %lu broken %u (%#x)\n",
+                    "bad_desc %lu bad_hdr %lu disabled %lu kicks %lu calls %lu suppressed %lu broken %u (%#x)\n",
                     w == VR_TX ? "tx" : "rx", st->packets, st->bytes, st->drop_ring_full,
                     st->drop_tap_busy, st->drop_tap_error, st->drop_bad_desc, st->drop_bad_hdr,
-                    st->drop_disabled, st->calls, st->calls_suppressed, st->broken, st->broken_detail);
+                    st->drop_disabled, st->kicks, st->calls, st->calls_suppressed, st->broken, st->broken_detail);
         }
     drain(tap_fd);
     vr_qp_resume(qp);

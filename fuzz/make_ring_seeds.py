@@ -37,6 +37,7 @@ FZ_PACKED, FZ_EVENT_IDX, FZ_INDIRECT, FZ_MRG, FZ_V1, FZ_CSUM, FZ_HOST_GSO, FZ_GU
 FZ_TX_ENABLED, FZ_RX_ENABLED, FZ_TX_STARTED, FZ_RX_STARTED, FZ_HDR10, FZ_NO_CALL, FZ_REBASE, FZ_RESET = (
     1 << i for i in range(8))
 RUNNING = FZ_TX_ENABLED | FZ_RX_ENABLED | FZ_TX_STARTED | FZ_RX_STARTED
+FZ_WORKER = 0x80  # cfg.rounds: then through the worker thread
 LAYOUT = [(0, 0x10000), (0x10000, 0x10000), (1 << 32, 0x1000)]
 IMAGE_MAX = 0x20000
 _DESC = struct.Struct("<QIHH")
@@ -65,13 +66,14 @@ class Seed:
             return ring.desc_gpa, ring.driver_gpa, ring.device_gpa
         return ring.desc_gpa, ring.avail_gpa, ring.used_gpa
 
-    def encode(self, features=0, ctl=RUNNING, rounds=1, frames=(), mtu=1500, base=None) -> bytes:
+    def encode(self, features=0, ctl=RUNNING, rounds=1, frames=(), mtu=1500, base=None, worker=False) -> bytes:
         rxp, txp = self.parts(self.rx), self.parts(self.tx)
         if base is None:
             base = 0x8000 if self.packed else 0     # packed: slot 0, wrap counter 1
         lens = (list(frames) + [0, 0, 0, 0])[:4]
         cfg = CFG.pack(self.features | features, ctl, self.rx.num, self.tx.num, base, base,
-                       rxp[0], txp[0], rxp[1], txp[1], rxp[2], txp[2], mtu, rounds - 1, len(frames), *lens)
+                       rxp[0], txp[0], rxp[1], txp[1], rxp[2], txp[2], mtu,
+                       (rounds - 1) | (FZ_WORKER if worker else 0), len(frames), *lens)
         top = max(r.gpa + r._next for r in self.mem._regions[:2])
         image = self.mem.read(0, min(top, IMAGE_MAX)).rstrip(b"\0")
         self.mem.close()
@@ -88,6 +90,10 @@ def seeds():
     s.tx.add_out([tx_blob()]); s.tx.publish()
     s.rx.add_in([1530]); s.rx.publish()
     yield "split-basic", s.encode(frames=[212])
+    s = Seed(num=8)
+    s.tx.add_out([tx_blob()]); s.tx.add_out([tx_blob(300, 18)]); s.tx.publish()
+    s.rx.add_in([1530]); s.rx.add_in([1530]); s.rx.publish()
+    yield "split-worker", s.encode(frames=[212, 300, 1000], worker=True)
 
     # TX header split over descriptors, an empty one, indirect (test_tx_basic_split_header_and_indirect)
     for packed in (False, True):
@@ -106,7 +112,7 @@ def seeds():
         s.rx.publish()
         s.tx.add_out([tx_blob(100, 3)]); s.tx.add_out([tx_blob(60, 4)]); s.tx.publish()
         yield f"{'packed' if packed else 'split'}-mrg-event-idx", s.encode(
-            features=FZ_MRG, frames=[1000, 60, 1514, 12], rounds=2)
+            features=FZ_MRG, frames=[1000, 60, 1514, 12], rounds=2, worker=packed)
 
     # Small non-power-of-two packed ring over several laps (test_wraparound_laps_small_queue)
     s = Seed(packed=True, num=3)

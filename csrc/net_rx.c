@@ -120,7 +120,8 @@ static int vr_stash_fill(struct vr_qp *qp, struct vr_vq *vq, bool mrg)
                 vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);  /* > VR_MAX_IOV segments */
                 return VR_POP_BROKEN;
             }
-            if (qp->stash_first || qp->stash_iov_end != qp->rx_stash[qp->stash_first].iov_first) {
+            /* Compact only if that frees iovecs (else this would loop forever). */
+            if (qp->stash_first || qp->rx_stash[qp->stash_first].iov_first) {
                 vr_stash_compact(qp);
                 continue;
             }

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what vhostd's demo and tests need on a fresh Debian 12 machine (as root):
-# Debian packages (QEMU, busybox for the guest, DPDK as a reference peer, compiler)
-# and a virtualenv at .venv with vhostd built and installed into it.
+# Debian packages (QEMU, busybox for the guest, DPDK as a reference peer, compilers:
+# gcc for the extension and its ASan/UBSan build, clang 14 and its libFuzzer
+# runtime for fuzz/fuzz_rings.c) and a virtualenv at .venv with vhostd built and
+# installed into it (the test extra brings atheris for fuzz/fuzz_messages.py).
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 busybox-static dpdk-dev iproute2 iputils-ping procps util-linux systemd libseccomp2
-      gcc python3-dev python3-venv cpio xz-utils zstd kmod)
+      gcc python3-dev python3-venv cpio xz-utils zstd kmod clang-14 libclang-rt-14-dev)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -102,6 +102,11 @@ def tap_offloads(features: int) -> int:
     for feature, tun_flag in _GUEST_OFFLOADS:
         if features & bit(feature):
             flags |= tun_flag
+    uso = taplib.TUN_F_USO4 | taplib.TUN_F_USO6
+    if flags & uso != uso:
+        # Linux's TUNSETOFFLOAD takes USO4 and USO6 only together (EINVAL otherwise):
+        # a guest that acked one of them gets UDP segments the TAP splits itself.
+        flags &= ~uso
     return flags
 
 

@@ -175,6 +175,8 @@ class Session:
         if not 68 <= mtu <= 65535:
             raise RequestError(f"MTU {mtu} out of range (68..65535)")
         if mtu != self.device.mtu:
+            # A SetupError (above the TAP's max MTU 65521, no CAP_NET_ADMIN) is a
+            # refused request: dispatch answers it with a failure reply.
             await asyncio.to_thread(taplib.configure_link, self.device.tap, mtu)
             self.device.set_mtu(mtu)
         self.log.info("MTU %d", mtu)

@@ -37,5 +37,5 @@ fi
 # would shadow pip's _native.abi3.so: keep only the newest of them.
 newest=$(ls -t vhostd/_native*.so 2>/dev/null | head -1)
 for so in vhostd/_native*.so; do
-    [ -e "$so" ] && [ "$so" != "$newest" ] && rm -f "$so"
+    if [ -e "$so" ] && [ "$so" != "$newest" ]; then rm -f "$so"; fi
 done

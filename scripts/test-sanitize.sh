@@ -21,6 +21,7 @@ PY=$SRC/.venv/bin/python
 
 work=$(mktemp -d /tmp/vhostd-sanitize.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+chmod 755 "$work"  # tests/test_access.py runs vhostd from this tree as an unprivileged uid
 mkdir -p "$work/tree" "$work/reports"
 git ls-files -z | xargs -0 cp --parents -t "$work/tree"
 cd "$work/tree"
@@ -50,11 +51,16 @@ if ! grep -q __asan_init "$(ls vhostd/_native*.so)"; then
 fi
 
 # Everything but the QEMU guest tests (slow under TCG; the datapath they use is
-# covered here by the integration tests and the DPDK virtio-user test) and the
-# fuzz harness test (it runs the fuzzers' own sanitized builds).
+# covered here by the integration tests and the DPDK virtio-user test), the
+# benchmark harness's smoke test, and the 500-cycle leak test: ASan's quarantine
+# keeps freed memory resident, so RSS measures nothing there (that test runs in
+# the main pytest pass; its fd checks run here through the other tests).
 rc=0
-"$PY" -m pytest -p no:cacheprovider tests --ignore=tests/test_fuzz.py \
-    --ignore-glob='tests/e2e/test_guest_*' --ignore=tests/e2e/test_reference_dpdk.py "$@" || rc=$?
+"$PY" -m pytest -p no:cacheprovider tests \
+    --ignore-glob='tests/e2e/test_guest_*' --ignore=tests/e2e/test_reference_dpdk.py \
+    --ignore=tests/e2e/test_restart.py --ignore=tests/test_bench.py \
+    --deselect=tests/test_leaks.py::test_500_connect_configure_traffic_disconnect_cycles_leave_fds_and_rss_flat \
+    "$@" || rc=$?
 
 reports=$(find "$work/reports" -type f | sort)
 if [ -n "$reports" ]; then

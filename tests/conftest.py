@@ -6,6 +6,7 @@ when run unprivileged; CI runs as root, so nothing skips there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -28,18 +29,18 @@ def need_root() -> None:
         pytest.skip("/dev/net/tun is missing")
 
 
-@pytest.fixture
-def netns():
-    """A fresh network namespace (IPv6 off, so the TAP carries only what a test sends)."""
+@contextlib.contextmanager
+def network_namespace():
+    """A fresh network namespace (IPv6 off, so a TAP in it carries only what a test
+    sends), deleted with every process left in it on exit. For fixtures of any scope."""
     need_root()
     name = f"vhd-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
-                    "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], check=True)
     try:
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
+                        "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], check=True)
         yield name
     finally:
-        subprocess.run(["ip", "netns", "pids", name], capture_output=True)
         out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
         for pid in out:
             try:
@@ -47,6 +48,13 @@ def netns():
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace (IPv6 off, so the TAP carries only what a test sends)."""
+    with network_namespace() as name:
+        yield name
 
 
 class DaemonProcess:
@@ -65,10 +73,28 @@ class DaemonProcess:
             cmd += ["--netns", netns]
         if client:
             cmd.append("--client")
-        env = dict(os.environ, VHOSTD_EVENT_LOOP=loop, PYTHONPATH=str(ROOT))
+        self.client = client
+        self._spawn(cmd, loop)
+
+    @classmethod
+    def from_config(cls, tmp: Path, config: Path, control: Path, loop: str | None = None) -> "DaemonProcess":
+        """`python -m vhostd --config CONFIG` whose control socket (the file's `control`)
+        is CONTROL; its output goes to TMP/daemon.log. loop=None leaves the event loop
+        to vhostd's default. Not yet waited for: call wait_ready()."""
+        d = cls.__new__(cls)
+        d.socket = d.tap = d.netns = None
+        d.client = False
+        d.control = str(control)
+        d.logfile = tmp / "daemon.log"
+        d._spawn([sys.executable, "-m", "vhostd", "--config", str(config)], loop)
+        return d
+
+    def _spawn(self, cmd: list[str], loop: str | None) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        if loop is not None:
+            env["VHOSTD_EVENT_LOOP"] = loop
         self._log = open(self.logfile, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.client = client
 
     def wait_ready(self, timeout: float = 15.0) -> "DaemonProcess":
         deadline = time.monotonic() + timeout

@@ -74,29 +74,19 @@ def test_socket_access_from_the_config_file_per_port_and_for_add_port(tmp_path, 
         f'[[port]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\ntap = "vaca"\nnetns = "{netns}"\n'
         f'[[port]]\nname = "b"\nsocket = "{tmp_path}/b.sock"\ntap = "vacb"\nnetns = "{netns}"\n'
         f'socket_owner = "nobody"\nsocket_mode = "0600"\n')
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostd", "--config", str(conf)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    d = DaemonProcess.from_config(tmp_path, conf, ctl)
     try:
-        deadline = time.monotonic() + 15
-        while not ctl.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.05)
+        d.wait_ready()
         assert _stat(ctl) == (os.getuid(), NOBODY, 0o640)
         assert _stat(tmp_path / "a.sock") == (os.getuid(), NOBODY, 0o640)
         assert _stat(tmp_path / "b.sock") == (NOBODY, NOBODY, 0o600)
         from tests.traffic import vhostctl
 
-        class D:
-            control = str(ctl)
-
-        r = vhostctl(D, "add-port", "--socket", str(tmp_path / "c.sock"), "--tap", "vacc", "--netns", netns)
+        r = vhostctl(d, "add-port", "--socket", str(tmp_path / "c.sock"), "--tap", "vacc", "--netns", netns)
         assert r.returncode == 0, r.stdout + r.stderr
         assert _stat(tmp_path / "c.sock") == (os.getuid(), NOBODY, 0o640)  # the file's defaults
     finally:
-        proc.terminate()
-        assert proc.wait(10) == 0, (tmp_path / "daemon.log").read_text()
-        log.close()
+        assert d.stop() == 0, d.log()
 
 
 @pytest.mark.parametrize("args, message", [

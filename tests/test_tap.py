@@ -114,27 +114,16 @@ def test_del_port_keeps_or_removes_the_tap_per_port_setting(tmp_path, netns):
         f'[[port]]\nname = "keep"\nsocket = "{tmp_path}/keep.sock"\ntap = "vtpk"\nnetns = "{netns}"\n'
         f'[[port]]\nname = "drop"\nsocket = "{tmp_path}/drop.sock"\ntap = "vtpd"\nnetns = "{netns}"\n'
         f'remove_tap = true\n')
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostd", "--config", str(conf)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    d = DaemonProcess.from_config(tmp_path, conf, ctl)
     try:
-        deadline = time.monotonic() + 15
-        while not ctl.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.05)
-
-        class D:
-            control = str(ctl)
-
+        d.wait_ready()
         for name in ("keep", "drop"):
-            r = vhostctl(D, "del-port", name)
+            r = vhostctl(d, "del-port", name)
             assert r.returncode == 0, r.stdout + r.stderr
         assert link(netns, "vtpk") is not None
         assert link(netns, "vtpd") is None
     finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-        log.close()
+        assert d.stop() == 0, d.log()
 
 
 def _setup_fails(tmp_path, netns, tap, *extra) -> str:
@@ -197,32 +186,21 @@ def test_reload_keeps_the_tap_of_a_changed_port_and_removes_a_dropped_one(tmp_pa
         conf.write_text(text)
 
     write(None)
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostd", "--config", str(conf)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-    class D:
-        control = str(ctl)
-
+    d = DaemonProcess.from_config(tmp_path, conf, ctl)
     try:
-        deadline = time.monotonic() + 15
-        while not ctl.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.05)
+        d.wait_ready()
         ip(netns, "addr", "add", "198.18.0.1/24", "dev", "vtpr")
         write(1400)
-        r = vhostctl(D, "reload")
+        r = vhostctl(d, "reload")
         assert r.returncode == 0, r.stdout + r.stderr
         info = link(netns, "vtpr")
         assert info is not None and info["mtu"] == 1400 and "198.18.0.1/24" in addresses(info), info
         write(None, present=False)
-        r = vhostctl(D, "reload")
+        r = vhostctl(d, "reload")
         assert r.returncode == 0, r.stdout + r.stderr
         assert link(netns, "vtpr") is None
     finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-        log.close()
+        assert d.stop() == 0, d.log()
 
 
 def test_attach_to_a_tap_without_vnet_hdr_held_by_another_process_fails_clearly(tmp_path, netns):

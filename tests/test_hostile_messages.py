@@ -20,14 +20,13 @@ import os
 import re
 import secrets
 import struct
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
 
-from tests.conftest import DaemonProcess, need_root, packet_socket
+from tests.conftest import DaemonProcess, need_root, network_namespace, packet_socket
 from tests.driver import constants as C
 from tests.driver.frontend import (
     Frontend,
@@ -68,22 +67,18 @@ class Env:
 def env(tmp_path_factory, request):
     need_root()
     tmp = tmp_path_factory.mktemp("hostile-msg")
-    netns = f"vhd-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1"], check=True)
     d = None
-    try:
-        d = DaemonProcess(tmp, netns, "hmsga", loop=request.param).wait_ready()
-        socket_b = str(tmp / "hmsgb.sock")
-        r = vhostctl(d, "add-port", "--socket", socket_b, "--tap", "hmsgb", "--netns", netns)
-        assert r.returncode == 0, r.stderr + d.log()
-        yield Env(d, netns, socket_b, "hmsgb", request.param)
-    finally:
-        if d is not None:
-            rc = d.stop()
-            assert rc == 0, f"vhostd exited with {rc}:\n{d.log()}"
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+    with network_namespace() as netns:
+        try:
+            d = DaemonProcess(tmp, netns, "hmsga", loop=request.param).wait_ready()
+            socket_b = str(tmp / "hmsgb.sock")
+            r = vhostctl(d, "add-port", "--socket", socket_b, "--tap", "hmsgb", "--netns", netns)
+            assert r.returncode == 0, r.stderr + d.log()
+            yield Env(d, netns, socket_b, "hmsgb", request.param)
+        finally:
+            if d is not None:
+                rc = d.stop()
+                assert rc == 0, f"vhostd exited with {rc}:\n{d.log()}"
 
 
 def fd_count(pid: int) -> int:

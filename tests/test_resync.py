@@ -8,6 +8,7 @@ used->idx behind avail->idx; the frontend double then sends the stale base."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from tests.conftest import packet_socket
@@ -57,6 +58,16 @@ def _tx_in_flight(g: Guest, n: int, completed: int) -> list[bytes]:
     return frames
 
 
+def _reconnect_with_tx_in_flight(g: Guest, d, netns: str, n: int, completed: int,
+                                 tx_base: int) -> tuple[list[bytes], socket.socket]:
+    """`_tx_in_flight` (n chains, `completed` used), a packet socket on d's TAP, then the
+    enable-before-kick handshake with the TX ring's base at tx_base: the frames and the socket."""
+    frames = _tx_in_flight(g, n, completed=completed)
+    sock = packet_socket(netns, d.tap)
+    _handshake_enable_before_kick(g, bases={0: 0, 1: tx_base})
+    return frames, sock
+
+
 def _wait_used(ring, idx: int) -> None:
     deadline = time.monotonic() + 5
     while ring.used_idx() != idx:
@@ -68,10 +79,8 @@ def test_tx_resyncs_to_used_idx_and_resends_the_chains_in_flight(daemon, netns):
     d = daemon()
     g = Guest(d.socket)
     try:
-        frames = _tx_in_flight(g, 5, completed=3)
-        sock = packet_socket(netns, d.tap)
         # the frontend remembers last_avail_idx 5 (all consumed), used->idx says 3
-        _handshake_enable_before_kick(g, bases={0: 0, 1: 5})
+        frames, sock = _reconnect_with_tx_in_flight(g, d, netns, 5, completed=3, tx_base=5)
         got = collect(sock, 2)
         assert got == {3: frames[3], 4: frames[4]}  # sent again from used->idx
         _wait_used(g.tx, 5)
@@ -134,9 +143,7 @@ def test_no_resync_when_base_matches_used_idx(daemon, netns):
     d = daemon()
     g = Guest(d.socket)
     try:
-        frames = _tx_in_flight(g, 3, completed=1)
-        sock = packet_socket(netns, d.tap)
-        _handshake_enable_before_kick(g, bases={0: 0, 1: 1})
+        frames, sock = _reconnect_with_tx_in_flight(g, d, netns, 3, completed=1, tx_base=1)
         assert collect(sock, 2) == {1: frames[1], 2: frames[2]}
         assert "disagrees with used idx" not in d.log()
     finally:

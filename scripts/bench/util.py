@@ -33,9 +33,11 @@ class BenchError(RuntimeError):
 
 class Proc:
     """A child in its own session (so its whole group can be ended by its id),
-    output to LOGDIR/NAME.log."""
+    output to LOGDIR/NAME.log (the command line first; with stdout_pipe the output
+    comes through self.p.stdout and the caller copies it there)."""
 
-    def __init__(self, name: str, argv: list[str], logdir: str, stdin_pipe: bool = False):
+    def __init__(self, name: str, argv: list[str], logdir: str, stdin_pipe: bool = False,
+                 stdout_pipe: bool = False):
         self.name = name
         self.argv = argv
         self.logpath = os.path.join(logdir, f"{name}.log")
@@ -43,8 +45,8 @@ class Proc:
         self._log.write(("$ " + " ".join(argv) + "\n").encode())
         self._log.flush()
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-                                  stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                  cwd=REPO)
+                                  stdout=subprocess.PIPE if stdout_pipe else self._log,
+                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         self.pid = self.p.pid
 
     def alive(self) -> bool:
@@ -103,15 +105,7 @@ class TestPmd(Proc):
     PROMPT = b"testpmd> "
 
     def __init__(self, name: str, argv: list[str], logdir: str):
-        self.name = name
-        self.argv = argv
-        self.logpath = os.path.join(logdir, f"{name}.log")
-        self._log = open(self.logpath, "ab")
-        self._log.write(("$ " + " ".join(argv) + "\n").encode())
-        self._log.flush()
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-        self.pid = self.p.pid
+        super().__init__(name, argv, logdir, stdin_pipe=True, stdout_pipe=True)
         self._buf = bytearray()
         self._pos = 0
         self._eof = False

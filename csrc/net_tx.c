@@ -231,6 +231,7 @@ static bool vr_tx_prepare(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
     }
     if (s->copied) {
         memcpy(bounce, &hdr, hl);       /* sanitized, as the zero-copy path's iov[0] */
+        qp->tx_copied++;
         return true;
     }
 

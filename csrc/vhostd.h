@@ -222,6 +222,10 @@ void vr_set_io_uring(int allowed);
  */
 int vr_set_tx_copy_max(unsigned bytes);
 
+/* Frames this queue pair's TX sent through its bounce buffers (valid header,
+ * handed to the TAP), since it was created. Read while paused. */
+uint64_t vr_qp_tx_copied(struct vr_qp *qp);
+
 /* VR_IO_SYSCALL or VR_IO_URING: fixed when vr_qp_new() returns (a ring that
  * fails later falls back to VR_IO_SYSCALL). */
 int vr_qp_io_mode(struct vr_qp *qp);

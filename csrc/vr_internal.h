@@ -329,6 +329,7 @@ struct vr_qp {
     uint64_t features;
     uint32_t vnet_hdr_len;
     uint32_t tx_copy_max;               /* frames up to this many bytes (header included) are copied */
+    uint64_t tx_copied;                 /* frames that went through tx_bounce (vr_qp_tx_copied) */
     struct vr_vq vq[2];
 
     int epfd, ctrl_fd, event_fd;

@@ -202,6 +202,11 @@ static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
 static int vr_io_uring_allowed = 1;     /* vr_set_io_uring(); read by each new worker */
 static unsigned vr_tx_copy_max = VR_TX_COPY_DEFAULT;   /* vr_set_tx_copy_max(); read by vr_qp_new() */
 
+uint64_t vr_qp_tx_copied(struct vr_qp *qp)
+{
+    return qp->tx_copied;
+}
+
 int vr_set_tx_copy_max(unsigned bytes)
 {
     if (bytes > VR_TX_COPY_LIMIT)

@@ -1155,6 +1155,37 @@ def test_hostile_rx_readable_after_writable(make_dev):
     _check_broken(d, lib.VR_RX, lib.VR_BROKEN_DESC)
 
 
+@pytest.mark.parametrize("features,hdr_len,sizes", [
+    (F_V1, 12, [8]), (F_V1, 12, [4, 7]), (F_V1, 12, [0]), (F_V1 | F_PACKED, 12, [11]), (0, 10, [9]),
+])
+def test_hostile_rx_chain_shorter_than_header(make_dev, features, hdr_len, sizes):
+    """Without MRG_RXBUF, an RX chain smaller than the vnet header is malformed: the
+    ring stops (DESC, counted once) instead of dropping every later frame as
+    ring-full; the chain is left unconsumed; TX keeps working."""
+    d = make_dev(features=features, hdr_len=hdr_len)
+    head = d.rx.add_in(sizes)
+    _post(d.rx)
+    d.peer.send(net_hdr()[:hdr_len] + eth_frame(60))
+    _check_broken(d, lib.VR_RX, lib.VR_BROKEN_DESC)
+    s = d.stats(lib.VR_RX)
+    assert s["broken_detail"] == head and s["drop_bad_desc"] == 1 and s["drop_ring_full"] == 0
+    assert d.get_base(lib.VR_RX) & 0xFFFF == (0x8000 if features & F_PACKED else 0)   # left unconsumed
+    d.send([net_hdr()[:hdr_len] + eth_frame(60)])      # TX still works
+    assert d.recv_tap() == net_hdr()[:hdr_len] + eth_frame(60)
+    assert d.stats(lib.VR_RX)["drop_bad_desc"] == 1     # counted once
+
+
+def test_rx_chain_of_exactly_the_header_is_not_malformed(make_dev):
+    d = make_dev()
+    d.rx.add_in([12])
+    _post(d.rx)
+    d.peer.send(net_hdr())                              # header-only datagram: fits
+    [u] = d.rx.wait_used(1)
+    assert u.len == 12
+    s = d.stats(lib.VR_RX)
+    assert s["broken"] == 0 and s["packets"] == 1
+
+
 def test_rings_outside_memory(make_dev):
     d = make_dev()
     with d.paused():

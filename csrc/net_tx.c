@@ -278,10 +278,10 @@ static inline ssize_t vr_tx_write_now(struct vr_qp *qp, const struct vr_tx_slot 
 }
 
 /*
- * io_uring mode: the frames of a burst are read one after the other (by our
- * bounce copy, or by the kernel's), each a cache miss (the guest's CPU wrote
- * them). Touching the lines of small frames while the burst is still being
- * popped lets those misses overlap instead of stalling each copy in turn.
+ * io_uring mode: the kernel copies the frames of a burst one after the other,
+ * each a cache miss (the guest's CPU wrote them). Touching the lines of small
+ * frames here, while the burst is still being assembled, lets those misses
+ * overlap instead of stalling the copy one by one.
  */
 static inline void vr_tx_prefetch(const struct iovec *g, unsigned n)
 {
@@ -297,34 +297,20 @@ static inline void vr_tx_prefetch(const struct iovec *g, unsigned n)
 }
 
 /*
- * io_uring mode, slots [0, n) popped (their guest iovecs at tx_iov[s->iov_first
- * + 1 ..], prefetched while popping): validates each chain (copying the small
- * ones, whose lines have had the whole pop phase to arrive), queues one write or
- * writev per frame, submits them in one io_uring_enter, waits for all of them,
- * counts each result and only then returns the chains used, in the order they
- * were popped. Requests the kernel did not take (the ring failed) are written
- * the plain way, and the queue pair stays in syscall mode from then on.
+ * io_uring mode: submits the queued writev()s of slots [0, n) in one
+ * io_uring_enter, waits for all of them, counts each result and only then
+ * returns the chains used, in the order they were popped. Requests the kernel
+ * did not take (the ring failed) are written the plain way, and the queue pair
+ * stays in syscall mode from then on.
  */
 static void vr_tx_complete_batch(struct vr_qp *qp, struct vr_vq *vq, unsigned n)
 {
     struct io_uring_cqe *cqe;
     unsigned submitted;
-    int err;
+    int err = vr_uring_submit_wait(&qp->ring, &submitted);
 
-    for (unsigned k = 0; k < n; k++) {
-        struct vr_tx_slot *s = &qp->tx_slot[k];
-        const unsigned base = s->iov_first;
-
-        s->send = vr_tx_prepare(qp, vq, qp->tx_iov + base, s, qp->tx_bounce[k]);
-        s->iov_first += base;
-        s->res = INT32_MIN;
-        if (s->send && s->copied)
-            vr_uring_prep_write(&qp->ring, qp->tap_fd, qp->tx_bounce[k], qp->vnet_hdr_len + s->frame_len, k);
-        else if (s->send)
-            vr_uring_prep_rw(&qp->ring, IORING_OP_WRITEV, qp->tap_fd, qp->tx_iov + s->iov_first,
-                             s->iov_cnt, k);
-    }
-    err = vr_uring_submit_wait(&qp->ring, &submitted);
+    for (unsigned k = 0; k < n; k++)
+        qp->tx_slot[k].res = INT32_MIN;
     while ((cqe = vr_uring_peek(&qp->ring))) {
         if (cqe->user_data < n)
             qp->tx_slot[cqe->user_data].res = cqe->res;
@@ -399,19 +385,26 @@ bool vr_tx_process(struct vr_qp *qp)
             break;
         }
         n++;
+        s->send = vr_tx_prepare(qp, vq, iov, s, qp->tx_bounce[nslot]);
+        s->iov_first += iov_used;
         if (!batch) {
             /* Syscall mode: one write(v) per frame, the chain used right after it. */
-            s->send = vr_tx_prepare(qp, vq, iov, s, qp->tx_bounce[0]);
             if (s->send)
                 vr_tx_account(vq, s, vr_tx_write_now(qp, s, qp->tx_bounce[0]));
             vr_vq_push(vq, &s->c, 0);
             continue;
         }
-        /* io_uring mode: validated, copied and queued in vr_tx_complete_batch. */
-        s->iov_first = iov_used;
-        vr_tx_prefetch(iov + 1, s->c.niov);
+        if (s->send && s->copied) {
+            vr_uring_prep_write(&qp->ring, qp->tap_fd, qp->tx_bounce[nslot], qp->vnet_hdr_len + s->frame_len,
+                                nslot);
+        } else if (s->send) {
+            vr_tx_prefetch(qp->tx_iov + s->iov_first + 1, s->iov_cnt - 1);
+            vr_uring_prep_rw(&qp->ring, IORING_OP_WRITEV, qp->tap_fd, qp->tx_iov + s->iov_first,
+                             s->iov_cnt, nslot);
+        }
         nslot++;
-        iov_used += 1 + s->c.niov;
+        if (!s->copied)                 /* a copied frame no longer needs its iovecs */
+            iov_used += 1 + s->c.niov;
     }
     if (nslot)
         vr_tx_complete_batch(qp, vq, nslot);

@@ -218,7 +218,8 @@ void vr_set_io_uring(int allowed);
  * Process-wide TX copy threshold read by vr_qp_new(): frames whose vnet header +
  * packet total at most `bytes` are copied into a bounce buffer and written as one
  * buffer (write / IORING_OP_WRITE); larger frames go zero-copy by writev. 0
- * disables the copy. Default 256; at most 512, else -EINVAL.
+ * disables the copy. Default 512 (measured: docs/perf-changes.md §9); at most
+ * 512, else -EINVAL.
  */
 int vr_set_tx_copy_max(unsigned bytes);
 

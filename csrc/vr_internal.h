@@ -292,7 +292,7 @@ struct vr_ring_ops {
  * cache-line aligned; VR_TX_COPY_LIMIT is the largest threshold accepted.
  */
 #define VR_TX_COPY_LIMIT 512u
-#define VR_TX_COPY_DEFAULT 256u
+#define VR_TX_COPY_DEFAULT 512u
 
 /*
  * TX in io_uring mode: the chains of one burst, popped and validated first, their

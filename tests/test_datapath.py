@@ -441,7 +441,7 @@ def tx_copy_max(request):
     assert lib.vr_set_tx_copy_max(TX_COPY_DEFAULT) == 0
 
 
-TX_COPY_DEFAULT = 256
+TX_COPY_DEFAULT = 512
 
 
 def tx_copied(d: Dev) -> int:
@@ -530,7 +530,7 @@ def test_tx_copy_threshold_boundary(make_dev, tx_copy_max, packed, uring):
     for total in (TX_COPY_DEFAULT - 1, TX_COPY_DEFAULT, TX_COPY_DEFAULT + 1, 12 + 14, 12 + 1500):
         blob = net_hdr() + eth_frame(total - 12, total)
         one = [blob]
-        step = 7 if total <= 300 else 200
+        step = 7 if total <= 300 else 50
         many = [blob[:2], blob[2:12], b"", blob[12:20]] + [blob[i:i + step] for i in range(20, total, step)]
         for segs in (one, many):
             frames.append((blob, segs))

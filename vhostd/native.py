@@ -24,7 +24,7 @@ if os.environ.get("VHOSTD_TAP_IO") == "syscall":
 
 # VHOSTD_TX_COPY_MAX=N (0..512): TX frames of at most N bytes (vnet header
 # included) are copied and written as one buffer; 0 = always zero copy. Default
-# 256 (docs/perf-changes.md §9). For comparisons; read once, at import.
+# 512 (docs/perf-changes.md §9). For comparisons; read once, at import.
 if os.environ.get("VHOSTD_TX_COPY_MAX", "").isdigit():
     if lib.vr_set_tx_copy_max(int(os.environ["VHOSTD_TX_COPY_MAX"])) < 0:
         raise ImportError(f"VHOSTD_TX_COPY_MAX={os.environ['VHOSTD_TX_COPY_MAX']}: at most 512")

@@ -7,7 +7,8 @@
  * num_buffers (12-byte header only).
  *
  * Without MRG_RXBUF a frame uses exactly one chain; a frame larger than it is
- * dropped (counted in drop_ring_full) and the chain reused. With MRG_RXBUF a
+ * dropped (counted in drop_ring_full) and the chain reused; a chain smaller than
+ * the vnet header is malformed (the ring is broken, VR_BROKEN_DESC). With MRG_RXBUF a
  * frame's size is known only after the read, so we gather chains up front until
  * they hold qp->rx_need bytes (the largest frame the acked offloads allow, see
  * worker.c) or the ring runs dry, readv() once over all of them, publish used
@@ -219,8 +220,18 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
             state = VR_RX_RING_EMPTY;
             break;
         }
-        tries++;
         c = &qp->rx_stash[qp->stash_first];
+        if (!mrg && c->in_len < hl) {
+            /* A chain that cannot hold the vnet header (virtio 1.2 §5.1.6.3.1: every
+             * receive buffer MUST be at least that big): malformed, handled like the
+             * others (ring broken, counted and logged once, the chain left unconsumed
+             * by vr_stash_return below). Read into, it would fail every frame and
+             * stay at the head of the ring: all later frames dropped as ring full. */
+            vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c->head);
+            state = VR_RX_OFF;
+            break;
+        }
+        tries++;
         niov = mrg ? qp->stash_iov_end - c->iov_first : c->niov;
         got = vr_rx_read(qp, qp->rx_iov + c->iov_first, niov, &trunc);
         if (got == -EAGAIN || got == -EWOULDBLOCK || got == -EINTR) {

@@ -214,6 +214,19 @@ int vr_qp_event_fd(struct vr_qp *qp);
  */
 void vr_set_io_uring(int allowed);
 
+/*
+ * Process-wide TX copy threshold read by vr_qp_new(): frames whose vnet header +
+ * packet total at most `bytes` are copied into a bounce buffer and written as one
+ * buffer (write / IORING_OP_WRITE); larger frames go zero-copy by writev. 0
+ * disables the copy. Default 512 (measured: docs/perf-changes.md §9); at most
+ * 512, else -EINVAL.
+ */
+int vr_set_tx_copy_max(unsigned bytes);
+
+/* Frames this queue pair's TX sent through its bounce buffers (valid header,
+ * handed to the TAP), since it was created. Read while paused. */
+uint64_t vr_qp_tx_copied(struct vr_qp *qp);
+
 /* VR_IO_SYSCALL or VR_IO_URING: fixed when vr_qp_new() returns (a ring that
  * fails later falls back to VR_IO_SYSCALL). */
 int vr_qp_io_mode(struct vr_qp *qp);

@@ -76,6 +76,11 @@ static inline ssize_t vr_sys_writev(int fd, const struct iovec *iov, int iovcnt)
     return syscall(SYS_writev, fd, iov, iovcnt);
 }
 
+static inline ssize_t vr_sys_write(int fd, const void *buf, size_t len)
+{
+    return syscall(SYS_write, fd, buf, len);
+}
+
 static inline ssize_t vr_sys_readv(int fd, const struct iovec *iov, int iovcnt)
 {
     return syscall(SYS_readv, fd, iov, iovcnt);
@@ -281,6 +286,15 @@ struct vr_ring_ops {
 #define VR_BURST 128                    /* chains per burst before publish + call */
 
 /*
+ * TX bounce buffers: a frame (vnet header + packet) of at most tx_copy_max bytes
+ * is copied out of guest memory into its slot's bounce buffer and written with
+ * one write() / IORING_OP_WRITE (see net_tx.c). One slot per in-flight request,
+ * cache-line aligned; VR_TX_COPY_LIMIT is the largest threshold accepted.
+ */
+#define VR_TX_COPY_LIMIT 512u
+#define VR_TX_COPY_DEFAULT 512u
+
+/*
  * TX in io_uring mode: the chains of one burst, popped and validated first, their
  * writev()s submitted together, and returned used only after every completion
  * (the kernel reads guest memory until then). hdr is the local, validated copy of
@@ -293,6 +307,7 @@ struct vr_tx_slot {
     unsigned iov_first, iov_cnt;        /* the request's iovecs in tx_iov */
     int32_t res;                        /* bytes written or -errno */
     bool send;                          /* false: dropped before the TAP (already counted) */
+    bool copied;                        /* the frame is in tx_bounce[slot]: one write() */
 };
 
 /* epoll tags (epoll_event.data.u32) */
@@ -313,6 +328,8 @@ struct vr_qp {
     bool tap_is_socket;                 /* test stand-in: recvmsg() reports MSG_TRUNC */
     uint64_t features;
     uint32_t vnet_hdr_len;
+    uint32_t tx_copy_max;               /* frames up to this many bytes (header included) are copied */
+    uint64_t tx_copied;                 /* frames that went through tx_bounce (vr_qp_tx_copied) */
     struct vr_vq vq[2];
 
     int epfd, ctrl_fd, event_fd;
@@ -340,6 +357,8 @@ struct vr_qp {
     struct vr_chain rx_stash[VR_MAX_IOV];
     unsigned stash_first, stash_count, stash_iov_end;
     uint64_t stash_bytes;
+    /* TX bounce buffers, one per tx_slot (the struct is allocated 64-aligned) */
+    uint8_t tx_bounce[VR_BURST][VR_TX_COPY_LIMIT] __attribute__((aligned(64)));
 };
 
 static inline bool vr_has_feature(const struct vr_qp *qp, unsigned bit)

@@ -200,6 +200,20 @@ static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
 /* ---------------------------------------------------------- TAP I/O mode */
 
 static int vr_io_uring_allowed = 1;     /* vr_set_io_uring(); read by each new worker */
+static unsigned vr_tx_copy_max = VR_TX_COPY_DEFAULT;   /* vr_set_tx_copy_max(); read by vr_qp_new() */
+
+uint64_t vr_qp_tx_copied(struct vr_qp *qp)
+{
+    return qp->tx_copied;
+}
+
+int vr_set_tx_copy_max(unsigned bytes)
+{
+    if (bytes > VR_TX_COPY_LIMIT)
+        return -EINVAL;
+    __atomic_store_n(&vr_tx_copy_max, bytes, __ATOMIC_RELAXED);
+    return 0;
+}
 
 void vr_set_io_uring(int allowed)
 {
@@ -415,9 +429,11 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
         errno = EINVAL;
         return NULL;
     }
-    qp = calloc(1, sizeof(*qp));
+    qp = aligned_alloc(64, sizeof(*qp));  /* tx_bounce is cache-line aligned */
     if (!qp)
         return NULL;
+    memset(qp, 0, sizeof(*qp));
+    qp->tx_copy_max = __atomic_load_n(&vr_tx_copy_max, __ATOMIC_RELAXED);
     qp->mem = mem;
     qp->tap_fd = tap_fd;
     qp->tap_is_socket = tap_fd >= 0 && fstat(tap_fd, &st) == 0 && S_ISSOCK(st.st_mode);

@@ -431,8 +431,30 @@ HDR_CASES = [
 ]
 
 
+@pytest.fixture
+def tx_copy_max(request):
+    """Sets the process-wide TX copy threshold (read by vr_qp_new) for the test;
+    restores the default afterwards."""
+    def set_max(n: int) -> None:
+        assert lib.vr_set_tx_copy_max(n) == 0
+    yield set_max
+    assert lib.vr_set_tx_copy_max(TX_COPY_DEFAULT) == 0
+
+
+TX_COPY_DEFAULT = 512
+
+
+def tx_copied(d: Dev) -> int:
+    with d.paused():
+        return lib.vr_qp_tx_copied(d.qp)
+
+
+# copy_max 512: every case of up to 500 frame bytes is checked in the bounce copy;
+# 0: the same cases through the zero-copy writev path.
+@pytest.mark.parametrize("copy_max", [0, 512])
 @pytest.mark.parametrize("features,hkw,flen,ok", HDR_CASES)
-def test_tx_header_validation(make_dev, features, hkw, flen, ok):
+def test_tx_header_validation(make_dev, tx_copy_max, copy_max, features, hkw, flen, ok):
+    tx_copy_max(copy_max)
     d = make_dev(features=F_V1 | F_INDIRECT | features)
     d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
     d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
@@ -459,6 +481,7 @@ def test_tx_header_validation(make_dev, features, hkw, flen, ok):
         assert d.tap_empty()
         assert s["packets"] == 0 and s["drop_bad_hdr"] == 1
     assert s["broken"] == 0
+    assert tx_copied(d) == (1 if ok and 12 + flen <= copy_max else 0)
 
 
 def test_tx_header_sanitized(make_dev):
@@ -477,6 +500,87 @@ def test_tx_vnet_hdr_10(make_dev):
     d.send([blob[:4], blob[4:]])
     assert d.recv_tap() == blob
     d.tx.wait_used(1)
+
+
+def test_tx_header_sanitized_in_the_copy(make_dev):
+    """A copied frame (default threshold): the TAP gets the sanitized header, with a
+    12- and a 10-byte header (the 10-byte form must not lose the frame's first
+    bytes to the header's num_buffers field)."""
+    for hl, features in ((12, F_V1), (10, 0)):
+        d = make_dev(features=features, hdr_len=hl)
+        hdr = net_hdr(hdr_len=999, gso_size=77, csum_start=5, csum_offset=6, num_buffers=3)[:hl]
+        frame = eth_frame(64, hl)
+        d.send([hdr[:3], hdr[3:] + frame[:5], frame[5:]])
+        assert d.recv_tap() == net_hdr()[:hl] + frame
+        assert tx_copied(d) == 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("uring", [True, False])
+def test_tx_copy_threshold_boundary(make_dev, tx_copy_max, packed, uring):
+    """Header + frame of exactly the threshold is copied, one byte more goes
+    zero-copy; single- and multi-segment chains; the TAP gets identical bytes
+    either way and every chain comes back used, in order, with len 0."""
+    lib.vr_set_io_uring(int(uring))
+    try:
+        d = make_dev(features=F_V1 | (F_PACKED if packed else 0))
+    finally:
+        lib.vr_set_io_uring(1)
+    frames, want_copied = [], 0
+    for total in (TX_COPY_DEFAULT - 1, TX_COPY_DEFAULT, TX_COPY_DEFAULT + 1, 12 + 14, 12 + 1500):
+        blob = net_hdr() + eth_frame(total - 12, total)
+        one = [blob]
+        step = 7 if total <= 300 else 50
+        many = [blob[:2], blob[2:12], b"", blob[12:20]] + [blob[i:i + step] for i in range(20, total, step)]
+        for segs in (one, many):
+            frames.append((blob, segs))
+            want_copied += total <= TX_COPY_DEFAULT
+    for blob, segs in frames:
+        d.tx.add_out(segs)
+    d.tx.publish()
+    d.tx.kick()
+    used = d.tx.wait_used(len(frames))
+    assert [u.len for u in used] == [0] * len(frames)
+    for blob, _ in frames:
+        assert d.recv_tap() == blob
+    s = d.stats(lib.VR_TX)
+    assert s["packets"] == len(frames) and s["bytes"] == sum(len(b) - 12 for b, _ in frames)
+    assert s["broken"] == 0 and s["drop_bad_hdr"] == 0
+    assert tx_copied(d) == want_copied
+
+
+@pytest.mark.parametrize("copy_max", [0, 128, 512])
+def test_tx_copied_and_zero_copy_frames_mixed_in_bursts(make_dev, tx_copy_max, copy_max):
+    """Several bursts mixing copied small frames (many segments each) with zero-copy
+    large ones: order, bytes and counters as without the copy."""
+    tx_copy_max(copy_max)
+    d = make_dev(features=F_V1 | F_INDIRECT, num=1024)
+    d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    rnd = random.Random(5)
+    blobs = []
+    for i in range(300):
+        total = rnd.choice((12 + 60, 12 + 114, 12 + 116, 12 + 400, 12 + 1500))
+        blob = net_hdr() + eth_frame(total - 12, i)
+        cuts = sorted(rnd.sample(range(1, total), min(total - 1, rnd.randrange(0, 20))))
+        segs = [blob[a:b] for a, b in zip([0] + cuts, cuts + [total])]
+        d.tx.add_out(segs, indirect=len(segs) > 3)
+        blobs.append(blob)
+    d.tx.publish()
+    d.tx.kick()
+    used = d.tx.wait_used(len(blobs))
+    assert [u.len for u in used] == [0] * len(blobs)
+    for blob in blobs:
+        assert d.recv_tap() == blob
+    s = d.stats(lib.VR_TX)
+    assert s["packets"] == len(blobs) and s["drop_tap_busy"] == 0 and s["broken"] == 0
+    assert tx_copied(d) == sum(len(b) <= copy_max for b in blobs)
+
+
+def test_tx_copy_max_limit():
+    assert lib.vr_set_tx_copy_max(513) < 0
+    assert lib.vr_set_tx_copy_max(512) == 0
+    assert lib.vr_set_tx_copy_max(TX_COPY_DEFAULT) == 0
 
 
 def test_tx_disabled_ring_drops(make_dev):
@@ -1049,6 +1153,37 @@ def test_hostile_rx_readable_after_writable(make_dev):
     _post(d.rx)
     d.peer.send(net_hdr() + eth_frame(60))
     _check_broken(d, lib.VR_RX, lib.VR_BROKEN_DESC)
+
+
+@pytest.mark.parametrize("features,hdr_len,sizes", [
+    (F_V1, 12, [8]), (F_V1, 12, [4, 7]), (F_V1, 12, [0]), (F_V1 | F_PACKED, 12, [11]), (0, 10, [9]),
+])
+def test_hostile_rx_chain_shorter_than_header(make_dev, features, hdr_len, sizes):
+    """Without MRG_RXBUF, an RX chain smaller than the vnet header is malformed: the
+    ring stops (DESC, counted once) instead of dropping every later frame as
+    ring-full; the chain is left unconsumed; TX keeps working."""
+    d = make_dev(features=features, hdr_len=hdr_len)
+    head = d.rx.add_in(sizes)
+    _post(d.rx)
+    d.peer.send(net_hdr()[:hdr_len] + eth_frame(60))
+    _check_broken(d, lib.VR_RX, lib.VR_BROKEN_DESC)
+    s = d.stats(lib.VR_RX)
+    assert s["broken_detail"] == head and s["drop_bad_desc"] == 1 and s["drop_ring_full"] == 0
+    assert d.get_base(lib.VR_RX) & 0xFFFF == (0x8000 if features & F_PACKED else 0)   # left unconsumed
+    d.send([net_hdr()[:hdr_len] + eth_frame(60)])      # TX still works
+    assert d.recv_tap() == net_hdr()[:hdr_len] + eth_frame(60)
+    assert d.stats(lib.VR_RX)["drop_bad_desc"] == 1     # counted once
+
+
+def test_rx_chain_of_exactly_the_header_is_not_malformed(make_dev):
+    d = make_dev()
+    d.rx.add_in([12])
+    _post(d.rx)
+    d.peer.send(net_hdr())                              # header-only datagram: fits
+    [u] = d.rx.wait_used(1)
+    assert u.len == 12
+    s = d.stats(lib.VR_RX)
+    assert s["broken"] == 0 and s["packets"] == 1
 
 
 def test_rings_outside_memory(make_dev):

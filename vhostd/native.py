@@ -22,6 +22,13 @@ except ImportError as exc:  # pragma: no cover - a broken install, reported clea
 if os.environ.get("VHOSTD_TAP_IO") == "syscall":
     lib.vr_set_io_uring(0)
 
+# VHOSTD_TX_COPY_MAX=N (0..512): TX frames of at most N bytes (vnet header
+# included) are copied and written as one buffer; 0 = always zero copy. Default
+# 512 (docs/perf-changes.md §9). For comparisons; read once, at import.
+if os.environ.get("VHOSTD_TX_COPY_MAX", "").isdigit():
+    if lib.vr_set_tx_copy_max(int(os.environ["VHOSTD_TX_COPY_MAX"])) < 0:
+        raise ImportError(f"VHOSTD_TX_COPY_MAX={os.environ['VHOSTD_TX_COPY_MAX']}: at most 512")
+
 RX = lib.VR_RX
 TX = lib.VR_TX
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import secrets
 import struct
-import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +28,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from tests.conftest import DaemonProcess, need_root, packet_socket, recv_matching
+from tests.conftest import DaemonProcess, need_root, network_namespace, packet_socket, recv_matching
 from tests.driver import constants as C
 from tests.driver import hostile as H
 from tests.driver.frontend import Frontend
@@ -71,25 +69,21 @@ class Env:
 def env(tmp_path_factory, request):
     need_root()
     tmp = tmp_path_factory.mktemp("hostile-ring")
-    netns = f"vhd-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1"], check=True)
     d = None
-    try:
-        d = DaemonProcess(tmp, netns, "hrnga", "--queues", "2", loop=request.param).wait_ready()
-        socket_b = str(tmp / "hrngb.sock")
-        r = vhostctl(d, "add-port", "--socket", socket_b, "--tap", "hrngb", "--netns", netns)
-        assert r.returncode == 0, r.stderr + d.log()
-        e = Env(d, netns, socket_b, "hrngb", request.param)
-        e.sock_a = packet_socket(netns, d.tap)
-        yield e
-        e.sock_a.close()
-    finally:
-        if d is not None:
-            rc = d.stop()
-            assert rc == 0, f"vhostd exited with {rc}:\n{d.log()}"
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+    with network_namespace() as netns:
+        try:
+            d = DaemonProcess(tmp, netns, "hrnga", "--queues", "2", loop=request.param).wait_ready()
+            socket_b = str(tmp / "hrngb.sock")
+            r = vhostctl(d, "add-port", "--socket", socket_b, "--tap", "hrngb", "--netns", netns)
+            assert r.returncode == 0, r.stderr + d.log()
+            e = Env(d, netns, socket_b, "hrngb", request.param)
+            e.sock_a = packet_socket(netns, d.tap)
+            yield e
+            e.sock_a.close()
+        finally:
+            if d is not None:
+                rc = d.stop()
+                assert rc == 0, f"vhostd exited with {rc}:\n{d.log()}"
 
 
 def wait_until(cond, what: str, timeout: float = 5.0, log=None) -> None:

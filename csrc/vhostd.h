@@ -226,6 +226,10 @@ int vr_set_tx_copy_max(unsigned bytes);
 /* Frames this queue pair's TX sent through its bounce buffers (valid header,
  * handed to the TAP), since it was created. Read while paused. */
 uint64_t vr_qp_tx_copied(struct vr_qp *qp);
+/* How many times the worker went to sleep with nothing left to do (an epoll
+ * wait without timeout). Read while paused, resume, then wait for it to grow:
+ * the worker has finished the pass that resume starts. */
+uint64_t vr_qp_idle_waits(struct vr_qp *qp);
 
 /* VR_IO_SYSCALL or VR_IO_URING: fixed when vr_qp_new() returns (a ring that
  * fails later falls back to VR_IO_SYSCALL). */

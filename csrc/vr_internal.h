@@ -330,6 +330,7 @@ struct vr_qp {
     uint32_t vnet_hdr_len;
     uint32_t tx_copy_max;               /* frames up to this many bytes (header included) are copied */
     uint64_t tx_copied;                 /* frames that went through tx_bounce (vr_qp_tx_copied) */
+    uint64_t idle_waits;                /* epoll waits without timeout (vr_qp_idle_waits) */
     struct vr_vq vq[2];
 
     int epfd, ctrl_fd, event_fd;

@@ -207,6 +207,11 @@ uint64_t vr_qp_tx_copied(struct vr_qp *qp)
     return qp->tx_copied;
 }
 
+uint64_t vr_qp_idle_waits(struct vr_qp *qp)
+{
+    return __atomic_load_n(&qp->idle_waits, __ATOMIC_ACQUIRE);
+}
+
 int vr_set_tx_copy_max(unsigned bytes)
 {
     if (bytes > VR_TX_COPY_LIMIT)
@@ -306,7 +311,12 @@ static void *vr_worker(void *arg)
             else
                 poll_until = 0;
         }
-        n = epoll_wait(qp->epfd, evs, 8, (tx_more || rx_more || polling) ? 0 : -1);
+        if (tx_more || rx_more || polling) {
+            n = epoll_wait(qp->epfd, evs, 8, 0);
+        } else {
+            __atomic_add_fetch(&qp->idle_waits, 1, __ATOMIC_RELEASE);
+            n = epoll_wait(qp->epfd, evs, 8, -1);
+        }
 
         if (n < 0 && errno != EINTR)
             n = 0;

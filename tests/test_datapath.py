@@ -110,7 +110,7 @@ class Dev:
         self.kick_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
         self.call_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
         self.err_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
-        with self.paused():
+        with self.paused(settle=True):
             assert lib.vr_qp_set_features(self.qp, features, hdr_len) == 0
             for w, ring in self.rings.items():
                 ring.kick_fd, ring.call_fd = self.kick_fd[w], self.call_fd[w]
@@ -129,12 +129,19 @@ class Dev:
             assert lib.vr_qp_map(self.qp) == 0
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self, settle: bool = False):
+        """Worker parked inside. settle: after resuming, also wait until the worker
+        has finished the pass that resume starts and gone back to sleep, so that
+        the rings' notification areas hold its idle requests (no DISABLE / NO_NOTIFY
+        left from a pass still running when the test publishes)."""
         assert lib.vr_qp_pause(self.qp) == 0
+        waits = lib.vr_qp_idle_waits(self.qp)
         try:
             yield
         finally:
             assert lib.vr_qp_resume(self.qp) == 0
+        if settle:
+            wait_for(lambda: lib.vr_qp_idle_waits(self.qp) > waits, what="the worker to go idle after resume")
 
     def stats(self, w: int) -> dict:
         """Counters as of the worker's last finished burst: the pause is the barrier
@@ -761,7 +768,7 @@ def mrg_frames(ring, n, timeout=5.0):
 
 def test_rx_mrg_frame_spread_and_rewind(make_dev):
     d = make_dev(features=F_V1 | F_MRG)
-    with d.paused():
+    with d.paused(settle=True):
         assert lib.vr_qp_set_mtu(d.qp, 9000) == 0
     for _ in range(12):
         d.rx.add_in([1000])                            # 12000 bytes >= 9018 + 12

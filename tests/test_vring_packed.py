@@ -214,12 +214,15 @@ def test_kick_suppression_while_draining(make_dev):
     d = make_dev(FP | F_EVENT_IDX)
     # the driver follows the device's requests: each publish after idle kicks
     for i in range(5):
+        # Idle: the device wrote off_wrap, then (release) the DESC flag that makes
+        # it count. Waited for before the first publish too: the pass the worker
+        # makes when the rings start may still be running (DISABLE, then DESC).
+        wait_for(lambda: d.tx.device_event() == (d.tx.avail_pos, VRING_PACKED_EVENT_FLAG_DESC))
         d.tx.add_out([net_hdr() + eth_frame(60, i)])
-        assert d.tx.publish_and_kick()
+        assert d.tx.publish_and_kick(), f"publish {i}: no kick asked for, device event {d.tx.device_event()}"
         d.recv_tap()
         d.tx.wait_used(1)
-        # the device writes off_wrap, then (release) the DESC flag that makes it count
-        wait_for(lambda: d.tx.device_event() == (d.tx.avail_pos, VRING_PACKED_EVENT_FLAG_DESC))
+    wait_for(lambda: d.tx.device_event() == (d.tx.avail_pos, VRING_PACKED_EVENT_FLAG_DESC))
     d.tx.add_out([net_hdr() + eth_frame(60)])
     d.tx.publish()
     d.tx.set_driver_event(VRING_PACKED_EVENT_FLAG_ENABLE)

@@ -226,6 +226,27 @@ int vr_set_tx_copy_max(unsigned bytes);
 /* Frames this queue pair's TX sent through its bounce buffers (valid header,
  * handed to the TAP), since it was created. Read while paused. */
 uint64_t vr_qp_tx_copied(struct vr_qp *qp);
+/*
+ * The device side of vq `which` and its worker, for diagnostics (vhostctl rings):
+ * readable any time, without pausing, so a snapshot of a running ring can be a
+ * burst stale and its fields mutually inconsistent. Positions are split: the
+ * free-running 16-bit index; packed: slot | wrap counter << 15.
+ */
+struct vr_vq_state {
+    uint16_t last_avail;        /* next avail position the device will look at */
+    uint16_t used;              /* next used position the device will write */
+    uint16_t published_used;    /* split: last value stored to used->idx */
+    uint16_t signalled_used;    /* split: used idx at the last call decision (EVENT_IDX) */
+    uint16_t device_event_flags;/* packed: what the device last wrote to its event flags */
+    uint8_t signalled_valid;    /* split: signalled_used means something */
+    uint8_t ready;              /* serviced: size, rings mapped, started, not broken */
+    uint8_t kick_watched;       /* the worker's epoll watches the kick fd */
+    uint8_t tap_watched;        /* the worker's epoll watches the TAP (RX wants frames) */
+    uint8_t tap_dead;           /* the TAP hung up; unwatched until the next resume */
+    uint64_t idle_waits;        /* vr_qp_idle_waits() */
+};
+int vr_qp_vq_state(struct vr_qp *qp, int which, struct vr_vq_state *out);
+
 /* How many times the worker went to sleep with nothing left to do (an epoll
  * wait without timeout). Read while paused, resume, then wait for it to grow:
  * the worker has finished the pass that resume starts. */

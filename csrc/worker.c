@@ -212,6 +212,38 @@ uint64_t vr_qp_idle_waits(struct vr_qp *qp)
     return __atomic_load_n(&qp->idle_waits, __ATOMIC_ACQUIRE);
 }
 
+/* Worker-owned fields read from another thread: relaxed single loads, no locks,
+ * so that a diagnostic never waits for (or on) a stuck worker. */
+#define VR_PEEK(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+int vr_qp_vq_state(struct vr_qp *qp, int which, struct vr_vq_state *out)
+{
+    struct vr_vq *vq;
+    bool packed;
+
+    if (!qp || (which != VR_RX && which != VR_TX) || !out)
+        return -EINVAL;
+    vq = &qp->vq[which];
+    packed = VR_PEEK(vq->ops) == &vr_packed_ops;
+    memset(out, 0, sizeof(*out));
+    out->last_avail = VR_PEEK(vq->last_avail_idx);
+    out->used = VR_PEEK(vq->used_idx);
+    if (packed) {
+        out->last_avail = (uint16_t)(out->last_avail | (uint16_t)VR_PEEK(vq->avail_wrap) << 15);
+        out->used = (uint16_t)(out->used | (uint16_t)VR_PEEK(vq->used_wrap) << 15);
+    }
+    out->published_used = VR_PEEK(vq->published_used_idx);
+    out->signalled_used = VR_PEEK(vq->signalled_used);
+    out->signalled_valid = VR_PEEK(vq->signalled_valid);
+    out->device_event_flags = VR_PEEK(vq->device_event_flags);
+    out->ready = VR_PEEK(vq->num) && VR_PEEK(vq->mapped) && VR_PEEK(vq->started) && !VR_PEEK(vq->stats.broken);
+    out->kick_watched = VR_PEEK(qp->kick_watched[which]) >= 0;
+    out->tap_watched = VR_PEEK(qp->tap_watched);
+    out->tap_dead = VR_PEEK(qp->tap_dead);
+    out->idle_waits = __atomic_load_n(&qp->idle_waits, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
 int vr_set_tx_copy_max(unsigned bytes)
 {
     if (bytes > VR_TX_COPY_LIMIT)

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, packet_socket
+from tests.driver import net_hdr
 from tests.traffic import Guest, collect, frame
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -289,3 +290,51 @@ def test_vhostctl_without_daemon(tmp_path):
                         "sys.exit(vhostctl_main(sys.argv[1:]))", "--control", str(tmp_path / "none"), "top",
                         "--count", "1"], capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert r.returncode == 1 and "vhostd is not running" in r.stderr
+
+
+def test_rings_shows_positions_pending_chains_and_calls(config_daemon, netns):
+    """vhostctl rings: the device's and guest memory's positions agree after traffic;
+    chains published without a kick and a call the frontend did not read show up
+    as such, in JSON and in the hints of the text output."""
+    d = config_daemon(["vrg"])
+    g = Guest(d.sock("vrg")).setup()
+    try:
+        s = packet_socket(netns, "vrg")
+        g.send([frame(i) for i in range(5)])
+        collect(s, 5)
+        g.tx.wait_used(5)
+        g.tx.drain_call()
+        [port] = d.ctl_json("rings")
+        assert port["port"] == "vrg" and port["connected"] is True
+        rings = {r["dir"]: r for r in port["rings"]}
+        tx = rings["tx"]
+        assert tx["layout"] == "split" and tx["event_idx"] is True and tx["num"] == 256 and tx["ready"]
+        assert tx["device"]["last_avail"] == 5 and tx["device"]["used"] == 5 == tx["device"]["published_used"]
+        assert tx["guest"]["avail_idx"] == 5 and tx["guest"]["used_idx"] == 5
+        assert tx["guest"]["avail_event"] == 5          # idle: kick me at the next chain
+        assert tx["kick_pending"] == 0 and tx["kick_watched"] and tx["call_pending"] == 0
+        assert tx["hints"] == []
+        assert rings["rx"]["hints"] == ["no receive buffers: frames wait in the TAP"]   # none posted
+
+        # a driver bug: chains published, no kick; and a call nobody read
+        for i in range(2):
+            g.tx.add_out([net_hdr() + frame(10 + i)])
+        g.tx.publish()
+        os.eventfd_write(g.tx.call_fd, 1)
+        tx = {r["dir"]: r for r in d.ctl_json("rings", "vrg")[0]["rings"]}["tx"]
+        assert tx["guest"]["avail_idx"] == 7 and tx["device"]["last_avail"] == 5 and tx["call_pending"] == 1
+        assert tx["hints"] == ["2 chain(s) available that the device has not taken",
+                               "a call is pending that the frontend has not read"]
+        text = d.ctl("rings").stdout
+        assert "vring 1 tx0 split num 256 event_idx: ready" in text
+        assert "! 2 chain(s) available that the device has not taken" in text
+
+        g.tx.kick()                                     # the device catches up
+        collect(s, 2)
+        g.tx.wait_used(2)
+        tx = {r["dir"]: r for r in d.ctl_json("rings")[0]["rings"]}["tx"]
+        assert tx["device"]["last_avail"] == 7 and tx["guest"]["used_idx"] == 7
+        r = d.ctl("rings", "nosuch")
+        assert r.returncode == 1 and "no port named 'nosuch'" in r.stderr
+    finally:
+        g.close()

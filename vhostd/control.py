@@ -29,6 +29,15 @@ def port_stats(port) -> dict:
     return {"port": port.name, "connected": port.session is not None, "totals": totals(queues), "queues": queues}
 
 
+def _select(ports: dict, name) -> list:
+    """One named port, or all of them when no name is given."""
+    if name is None:
+        return list(ports.values())
+    if name not in ports:
+        raise SetupError(f"no port named {name!r} (ports: {', '.join(ports) or 'none'})")
+    return [ports[name]]
+
+
 class ControlServer:
     def __init__(self, daemon, path: str, mode: int = CONTROL_MODE, uid: int | None = None,
                  gid: int | None = None):
@@ -84,11 +93,11 @@ class ControlServer:
             if cmd == "ports":
                 return {"ok": True, "ports": [p.describe() for p in ports.values()]}
             if cmd == "stats":
-                name = req.get("port")
-                if name is not None and name not in ports:
-                    return {"ok": False, "error": f"no port named {name!r} (ports: {', '.join(ports) or 'none'})"}
-                selected = [ports[name]] if name is not None else list(ports.values())
-                return {"ok": True, "stats": [port_stats(p) for p in selected]}
+                return {"ok": True, "stats": [port_stats(p) for p in _select(ports, req.get("port"))]}
+            if cmd == "rings":
+                from vhostd.ringstate import port_rings
+
+                return {"ok": True, "rings": [port_rings(p) for p in _select(ports, req.get("port"))]}
             if cmd == "metrics":
                 from vhostd.metrics import render
 

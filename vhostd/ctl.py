@@ -3,6 +3,7 @@
     vhostctl [--control PATH] ports [--json]
     vhostctl stats [PORT] [--json] [--watch [--interval S] [--count N]]
     vhostctl top [--interval S] [--count N]
+    vhostctl rings [PORT] [--json]
     vhostctl metrics
     vhostctl add-port --socket PATH --tap IFNAME [--netns NS] [--mac MAC] [--mtu N] [--queues N] [--client] [--name NAME]
     vhostctl del-port NAME
@@ -85,6 +86,27 @@ def print_stats(stats: list[dict]) -> None:
             nonzero = [f"{d}={q[d]}" for d in DROPS if q[d]]
             if nonzero:
                 print(f"  {'':<6}  drops: {' '.join(nonzero)}")
+
+
+def print_rings(ports: list[dict]) -> None:
+    """Per vring: the device's positions, guest memory's, eventfds, and hints."""
+    for port in ports:
+        print(f"port {port['port']} ({'connected' if port['connected'] else 'waiting'})")
+        for r in port["rings"]:
+            d, g = r["device"], r.get("guest", {})
+            state = "ready" if r["ready"] else ("broken: " + str(r["broken"]) if r["broken"] else "not serviced")
+            print(f"  vring {r['vring']} {r['dir']}{r['queue_pair']} {r['layout']} num {r['num']}"
+                  f"{' event_idx' if r['event_idx'] else ''}: {state}")
+            dev = " ".join(f"{k}={v}" for k, v in d.items() if v is not None)
+            print(f"    device: {dev}")
+            if g:
+                print(f"    guest:  {' '.join(f'{k}={v}' for k, v in g.items())}")
+            print(f"    kick pending={r['kick_pending']} watched={'yes' if r['kick_watched'] else 'no'}; "
+                  f"call pending={r['call_pending']}"
+                  + (f"; tap watched={'yes' if r['tap_watched'] else 'no'}" if r["dir"] == "rx" else "")
+                  + ("; tap hung up" if r["tap_dead"] else "") + f"; worker sleeps={r['idle_waits']}")
+            for h in r["hints"]:
+                print(f"    ! {h}")
 
 
 def rates(prev: list[dict], cur: list[dict], dt: float) -> list[dict]:
@@ -190,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
     for sp_ in (ss, sub.add_parser("top", help="live view of the busiest queues")):
         sp_.add_argument("--interval", type=float, default=1.0, metavar="S")
         sp_.add_argument("--count", type=int, default=None, metavar="N", help="stop after N refreshes")
+    sr = sub.add_parser("rings", help="ring positions, pending kicks and calls: for a stuck queue")
+    sr.add_argument("port", nargs="?", help="one port (default: all)")
+    sr.add_argument("--json", action="store_true")
     sub.add_parser("metrics", help="Prometheus text format")
     sa = sub.add_parser("add-port", help="open a port at run time")
     sa.add_argument("--socket", required=True)
@@ -220,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(stats, indent=2)) if args.json else print_stats(stats)
         elif args.cmd == "top":
             watch(path, None, args.interval, args.count, top=True)
+        elif args.cmd == "rings":
+            rings = control_request(path, {"cmd": "rings", "port": args.port})["rings"]
+            print(json.dumps(rings, indent=2)) if args.json else print_rings(rings)
         elif args.cmd == "metrics":
             sys.stdout.write(control_request(path, {"cmd": "metrics"})["text"])
         elif args.cmd == "add-port":

@@ -126,6 +126,21 @@ class GuestMemory:
         """Unmaps everything (queue pairs paused or gone)."""
         self.release(self.install([]))
 
+    def pread(self, uva: int, n: int) -> bytes | None:
+        """n bytes at frontend address uva, read with pread from the region's file
+        rather than through the mapping: a frontend that shrank its file gets a
+        short read here, not a SIGBUS in the control plane. None if the range is
+        not inside one region or the read comes back short."""
+        for m in self.regions:
+            r = m.region
+            if r.uva <= uva and uva + n <= r.uva + r.size:
+                try:
+                    data = os.pread(m.fd.fd, n, r.mmap_offset + uva - r.uva)
+                except OSError:
+                    return None
+                return data if len(data) == n else None
+        return None
+
 
 def _check_disjoint(regions: list[MemRegion]) -> None:
     """No two regions may share a guest-physical or a frontend-virtual byte: either

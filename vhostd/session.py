@@ -277,19 +277,9 @@ class Session:
         return used_idx
 
     def _read_used_idx(self, used_uva: int) -> int | None:
-        """le16 used->idx, read with pread from the region's file rather than through
-        the mapping: a frontend that shrank its file gets a short read here, not a
-        SIGBUS in the control plane."""
-        uva = used_uva + 2
-        for m in self.device.mem.regions:
-            r = m.region
-            if r.uva <= uva and uva + 2 <= r.uva + r.size:
-                try:
-                    data = os.pread(m.fd.fd, 2, r.mmap_offset + uva - r.uva)
-                except OSError:
-                    return None
-                return int.from_bytes(data, "little") if len(data) == 2 else None
-        return None
+        """le16 used->idx, read from the region's file (GuestMemory.pread)."""
+        data = self.device.mem.pread(used_uva + 2, 2)
+        return int.from_bytes(data, "little") if data is not None else None
 
     async def get_vring_base(self, state: VringState, _fds) -> bytes:
         v = self.vrings[state.index]

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,6 +228,8 @@ class GuestResult:
              f"--- console (last {lines} lines) ---\n{tail(self.log, lines)}")
         if self.qemu_stderr.strip():
             s += f"\n--- qemu stderr ---\n{tail(self.qemu_stderr, 20)}"
+        if self.extra.get("at_timeout"):
+            s += f"\n--- at the timeout, before QEMU was stopped ---\n{self.extra['at_timeout']}"
         return s
 
     def value(self, key: str) -> str | None:
@@ -298,6 +301,9 @@ class Qemu:
         self._reader: threading.Thread | None = None
         self._stderr_file = None
         self._serial_file = self.workdir / "console.log"
+        # Called by wait() on a timeout while QEMU still runs (the backend still has
+        # the rings); what it returns goes into the result's description.
+        self.on_timeout: Callable[[], str] | None = None
         self._t0 = 0.0
         self.result: GuestResult | None = None
 
@@ -435,17 +441,23 @@ class Qemu:
                 timed_out = True
                 break
             time.sleep(0.05)
+        extra = {}
         if not timed_out:
             # the guest powers off right after the marker
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=exit_grace)
+        elif self.on_timeout is not None:
+            try:
+                extra["at_timeout"] = self.on_timeout()
+            except Exception as e:  # diagnostics must not hide the failure
+                extra["at_timeout"] = f"(diagnostics failed: {e!r})"
         self.kill()
         log = self.log
         m = _EXIT_RE.findall(log)
         self.result = GuestResult(
             rc=int(m[-1]) if m else None, log=log,
             elapsed=time.monotonic() - self._t0, qemu_rc=self.proc.returncode,
-            timed_out=timed_out, qemu_stderr=self.stderr)
+            timed_out=timed_out, qemu_stderr=self.stderr, extra=extra)
         return self.result
 
     def kill(self) -> None:

@@ -148,6 +148,19 @@ class Env:
         assert fe, f"no frontend connected according to vhostctl: {ports}"
         return fe
 
+    def qemu(self, guest_image, **kw) -> g.Qemu:
+        """A guest on this port whose wait() records the rings if it times out."""
+        q = g.Qemu(guest_image, self.sock, **kw)
+        q.on_timeout = self.rings
+        return q
+
+    def rings(self) -> str:
+        """``vhostctl rings``: positions, pending kicks and calls, hints."""
+        r = subprocess.run([sys.executable, "-c", _VHOSTCTL, "--control", self.control, "rings"],
+                           capture_output=True, text=True, timeout=30, cwd=str(g.REPO_ROOT),
+                           env=dict(os.environ, PYTHONPATH=str(g.REPO_ROOT)))
+        return "--- vhostctl rings ---\n" + (r.stdout or r.stderr)
+
     def context(self, qemu: g.Qemu | None = None) -> str:
         parts = []
         if qemu is not None:
@@ -159,8 +172,9 @@ class Env:
             parts.append(self.daemon.describe())
             try:
                 parts.append("--- vhostctl stats ---\n" + self.counters().table())
+                parts.append(self.rings())
             except Exception as e:  # diagnostics must not raise
-                parts.append(f"--- vhostctl stats failed: {e}")
+                parts.append(f"--- vhostctl stats/rings failed: {e}")
         for p in self.procs:
             parts.append(p.describe(20))
         parts.append(self.ns.diagnostics(TAP))
@@ -275,6 +289,9 @@ up() {{ cut -d' ' -f1 /proc/uptime; }}
 secs() {{ awk "BEGIN {{ d = $2 - $1; if (d <= 0) d = 0.01; printf \"%.2f\", d }}"; }}
 fail() {{ rc=$1; shift; echo "T: FAIL $*"; cat /proc/net/dev; exit $rc; }}
 echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
+# every 15 s, for a stalled test: the virtio interrupt count and eth0's counters
+(while sleep 15; do echo "MON t=$(up) irq:$(grep -i virtio /proc/interrupts | tr -s ' ' | cut -c1-60)" \
+    "eth0:$(grep eth0: /proc/net/dev | tr -s ' ' | cut -d: -f2)"; done) &
 wait_host() {{
     i=0
     while [ $i -lt 30 ]; do
@@ -312,7 +329,7 @@ def test_feature_matrix(guest_image, env, http_server, packed, mrg_rxbuf, event_
     srv = http_server()
     script = GUEST_LIB + "wait_host\nwait_go go\n" + body(g.net_test_script(srv.url, srv.sha256, srv.size))
     opts = [f"packed={packed}", f"mrg_rxbuf={mrg_rxbuf}", f"event_idx={event_idx}"]
-    q = g.Qemu(guest_image, env.sock, test_script=script, device_opts=opts)
+    q = env.qemu(guest_image, test_script=script, device_opts=opts)
     try:
         q.start()
         assert q.wait_for(r"VHOSTD-WAIT=go", 60), "guest never got ready\n" + env.context(q)
@@ -411,7 +428,7 @@ def test_bulk_tcp(guest_image, env, http_server, offloads, record_property):
     up_mib = 50
     script = bulk_script(srv.url, srv.sha256, srv.size, up_mib)
     opts = OFFLOADS_OFF if offloads == "off" else []
-    q = g.Qemu(guest_image, env.sock, test_script=script, device_opts=opts, mem_mb=512)
+    q = env.qemu(guest_image, test_script=script, device_opts=opts, mem_mb=512)
     try:
         q.start()
         assert q.wait_for(r"VHOSTD-WAIT=go1", 60), "guest never got ready\n" + env.context(q)
@@ -522,7 +539,7 @@ ping -c 3 -i 0.2 -W 2 -s {JUMBO_PAYLOAD} $HOST || fail 22 "guest ping -s {JUMBO_
 echo "T: PASS"
 exit 0
 """
-    q = g.Qemu(guest_image, env.sock, test_script=script, device_opts=["host_mtu=9000"],
+    q = env.qemu(guest_image, test_script=script, device_opts=["host_mtu=9000"],
                cmdline="vhostd.mtu=9000")
     release = ("import socket,sys\n"
                "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
@@ -580,14 +597,17 @@ for i in 0 1; do
     sha256sum /tmp/up$i | cut -d' ' -f1 >/tmp/up$i.sum
 done
 t0=$(up)
+jobs=""
 for i in 0 1 2 3; do
     cpu=$((i % 2))
     ( taskset -c $cpu wget -q -O - {url} | sha256sum | cut -d' ' -f1 >/tmp/dl$i.sum ) &
+    jobs="$jobs $!"
 done
 for i in 0 1; do
     ( taskset -c $i nc $HOST {SINK_PORT} </tmp/up$i >/tmp/up$i.reply ) &
+    jobs="$jobs $!"
 done
-wait
+wait $jobs   # not the monitor loop
 t1=$(up)
 echo "VHOSTD-MQ-SECONDS=$(secs $t0 $t1)"
 rc=0
@@ -613,7 +633,7 @@ def test_multiqueue(guest_image, env, http_server):
     srv = http_server(size=MQ_DL_SIZE)
     sink = env.sink(2)
     script = mq_script(srv.url, srv.sha256)
-    q = g.Qemu(guest_image, env.sock, test_script=script, queues=2, smp=2, mem_mb=384)
+    q = env.qemu(guest_image, test_script=script, queues=2, smp=2, mem_mb=384)
     try:
         q.start()
         assert q.wait_for(r"VHOSTD-CPUS=", 60), "guest never got ready\n" + env.context(q)

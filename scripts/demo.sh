@@ -149,6 +149,9 @@ QEMU_CMD=(qemu-system-x86_64 -name vhostd-demo -nodefaults -no-user-config
     -device virtio-net-pci,netdev=n0,vectors=0,romfile=
     -serial stdio -no-reboot)
 [ "$ACCEL" = kvm ] && QEMU_CMD+=(-cpu host)
+# TCG: a second (absent) CPU slot, else QEMU 7.2 drops the guest's memory
+# barriers and a kick or interrupt can be lost (README, "With QEMU")
+[ "$ACCEL" = tcg ] && QEMU_CMD+=(-smp 1,maxcpus=2)
 T0=$(date +%s%N)
 QEMU_PIDFILE=$TMP/qemu.pid
 # in the background + wait, so that a signal reaches the cleanup trap at once

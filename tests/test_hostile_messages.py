@@ -265,8 +265,8 @@ case("SET_MEM_TABLE-1-region-2-fds", "one fd per region", C.SET_MEM_TABLE,
 case("SET_MEM_TABLE-2-regions-1-fd", "one fd per region", C.SET_MEM_TABLE,
      msg(C.SET_MEM_TABLE, pack_mem_table([R1, (MB, MB, UVA + MB, 0)])), "nack",
      "2 memory regions but 1 fds", fds=lambda: [memfd()])
-case("nine-fds", "at most 8 fds per message", None, msg(C.SET_MEM_TABLE, pack_mem_table([R1])), "close",
-     "more than 8 fds", fds=lambda: [eventfd() for _ in range(9)])
+case("nine-fds", "at most 8 fds per message", C.SET_MEM_TABLE, msg(C.SET_MEM_TABLE, pack_mem_table([R1])),
+     "close", "SET_MEM_TABLE: more than 8 fds", fds=lambda: [eventfd() for _ in range(9)])
 for req in (C.SET_LOG_FD, C.SET_BACKEND_REQ_FD, C.SET_INFLIGHT_FD):
     case(f"{C.REQUEST_NAMES[req]}-unsupported-with-fd", "unsupported request, fd closed", req,
          msg(req, pack_u64(0)), "nack", "not supported", fds=lambda: [memfd()])

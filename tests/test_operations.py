@@ -243,6 +243,15 @@ def test_add_and_del_port_at_run_time(config_daemon, netns, tmp_path):
     assert [p["name"] for p in d.ctl_json("ports")] == ["vad1"]
     r = d.ctl("del-port", "vdyn")
     assert r.returncode == 1 and "no port named 'vdyn'" in r.stderr
+    assert tap_exists(netns, "vdyn")                    # TAPs persist by default
+    r = d.ctl("add-port", "--socket", str(tmp_path / "rm.sock"), "--tap", "vrm", "--netns", netns, "--remove-tap")
+    assert r.returncode == 0 and tap_exists(netns, "vrm"), r.stderr
+    assert d.ctl("del-port", "vrm").returncode == 0
+    assert not tap_exists(netns, "vrm")                 # --remove-tap: vhostd made it, vhostd deletes it
+
+
+def tap_exists(netns: str, name: str) -> bool:
+    return subprocess.run(["ip", "-n", netns, "link", "show", name], capture_output=True).returncode == 0
 
 
 def test_disabled_ring_drops_are_reported_once(config_daemon, netns):

@@ -12,7 +12,7 @@ import os
 import socket
 
 from vhostd.errors import ProtocolError
-from vhostd.protocol import HEADER, MAX_FDS, Header
+from vhostd.protocol import HEADER, MAX_FDS, Header, request_name
 
 _FD_SIZE = array.array("i").itemsize
 
@@ -77,13 +77,12 @@ class Connection:
         finally:
             remove(fd)
 
-    async def _recv_some(self, n: int, want_fds: bool) -> tuple[bytes, list[OwnedFd]]:
+    async def _recv_some(self, n: int) -> tuple[bytes, list[OwnedFd], bool]:
+        """Up to n bytes and the fds that came with them; True if the kernel
+        dropped fds beyond MAX_FDS (MSG_CTRUNC)."""
         while True:
             try:
-                if want_fds:
-                    data, anc, flags, _ = self.sock.recvmsg(n, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE))
-                else:
-                    return self.sock.recv(n), []
+                data, anc, flags, _ = self.sock.recvmsg(n, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE))
             except (BlockingIOError, InterruptedError):
                 await self._wait()
                 continue
@@ -93,34 +92,38 @@ class Connection:
                     arr = array.array("i")
                     arr.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
                     fds.extend(OwnedFd(fd) for fd in arr)
-            if flags & socket.MSG_CTRUNC:
-                close_all(fds)
-                raise ProtocolError(f"more than {MAX_FDS} fds in one message")
-            return data, fds
+            return data, fds, bool(flags & socket.MSG_CTRUNC)
 
     async def recv_message(self) -> tuple[Header, bytes, list[OwnedFd]] | None:
         """The next message, or None on a clean EOF between messages."""
         fds: list[OwnedFd] = []
+        truncated = False
         try:
             head = b""
             while len(head) < HEADER.size:
-                chunk, more = await self._recv_some(HEADER.size - len(head), want_fds=True)
+                chunk, more, cut = await self._recv_some(HEADER.size - len(head))
                 fds.extend(more)
+                truncated |= cut
                 if not chunk:
-                    if head or fds:
+                    if head or fds or truncated:
                         raise ProtocolError("connection closed inside a message header")
                     return None
                 head += chunk
+            if truncated:   # fds come with the first byte: name the request they came with
+                raise ProtocolError(f"{request_name(HEADER.unpack(head)[0])}: more than {MAX_FDS} fds "
+                                    "in one message")
             header = Header.unpack(head)
             payload = b""
             while len(payload) < header.size:
-                chunk, more = await self._recv_some(header.size - len(payload), want_fds=True)
+                chunk, more, cut = await self._recv_some(header.size - len(payload))
                 fds.extend(more)
+                if cut:
+                    raise ProtocolError(f"{header.name}: more than {MAX_FDS} fds in one message")
                 if not chunk:
                     raise ProtocolError(f"connection closed inside request {header.request} payload")
                 payload += chunk
             if len(fds) > MAX_FDS:
-                raise ProtocolError(f"{len(fds)} fds in one message (max {MAX_FDS})")
+                raise ProtocolError(f"{header.name}: {len(fds)} fds in one message (max {MAX_FDS})")
             return header, payload, fds
         except BaseException:
             close_all(fds)

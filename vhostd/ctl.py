@@ -5,7 +5,8 @@
     vhostctl top [--interval S] [--count N]
     vhostctl rings [PORT] [--json]
     vhostctl metrics
-    vhostctl add-port --socket PATH --tap IFNAME [--netns NS] [--mac MAC] [--mtu N] [--queues N] [--client] [--name NAME]
+    vhostctl add-port --socket PATH --tap IFNAME [--netns NS] [--mac MAC] [--mtu N] [--queues N] [--client]
+                      [--remove-tap] [--name NAME]
     vhostctl del-port NAME
     vhostctl reload
 
@@ -225,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--mtu", type=int)
     sa.add_argument("--queues", type=int)
     sa.add_argument("--client", action="store_true", default=None)
+    sa.add_argument("--remove-tap", action="store_true", default=None,
+                    help="delete the TAP when the port is removed, if vhostd created it")
     sd = sub.add_parser("del-port", help="close a port")
     sd.add_argument("name")
     sub.add_parser("reload", help="re-read the daemon's config file (like SIGHUP)")
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "metrics":
             sys.stdout.write(control_request(path, {"cmd": "metrics"})["text"])
         elif args.cmd == "add-port":
-            fields = {k: getattr(args, k) for k in ("socket", "tap", "name", "netns", "mac", "mtu", "queues", "client")}
+            fields = {k: getattr(args, k) for k in ("socket", "tap", "name", "netns", "mac", "mtu", "queues", "client",
+                                                 "remove_tap")}
             port = control_request(path, {"cmd": "add-port", "port": fields}, timeout=30)["port"]
             print(f"port {port['name']} added ({port['mode']} on {port['socket']})")
         elif args.cmd == "del-port":

@@ -146,6 +146,10 @@ class Header:
     def need_reply(self) -> bool:
         return bool(self.flags & FLAG_NEED_REPLY)
 
+    @property
+    def name(self) -> str:
+        return request_name(self.request)
+
 
 def pack_message(request: int, payload: bytes, reply: bool = True) -> bytes:
     flags = VERSION | (FLAG_REPLY if reply else 0)

@@ -347,3 +347,33 @@ def test_rings_shows_positions_pending_chains_and_calls(config_daemon, netns):
         assert r.returncode == 1 and "no port named 'nosuch'" in r.stderr
     finally:
         g.close()
+
+
+def test_rings_packed_shows_positions_and_a_chain_not_taken(config_daemon, netns):
+    """vhostctl rings on a packed ring: positions as slot | wrap << 15, the device's
+    event area, and a chain published without a kick."""
+    d = config_daemon(["vrp"])
+    g = Guest(d.sock("vrp"), packed=True).setup()
+    try:
+        s = packet_socket(netns, "vrp")
+        g.send([frame(i) for i in range(3)])
+        collect(s, 3)
+        g.tx.wait_used(3)
+        g.tx.drain_call()
+        rings = {r["dir"]: r for r in d.ctl_json("rings")[0]["rings"]}
+        tx = rings["tx"]
+        assert tx["layout"] == "packed" and tx["ready"]
+        assert tx["device"]["last_avail"] == 0x8003 == tx["device"]["used"]      # slot 3, wrap counter 1
+        assert tx["guest"]["device_event"] == {"off_wrap": 0x8003, "flags": "desc"}   # kick me at slot 3
+        assert tx["hints"] == [] and tx["kick_pending"] == 0
+        assert rings["rx"]["hints"] == ["no receive buffers: frames wait in the TAP"]
+
+        g.tx.add_out([net_hdr() + frame(9)])
+        g.tx.publish()                                  # no kick
+        tx = {r["dir"]: r for r in d.ctl_json("rings")[0]["rings"]}["tx"]
+        assert tx["hints"] == ["a chain (or more) available that the device has not taken"]
+        g.tx.kick()
+        collect(s, 1)
+        g.tx.wait_used(1)
+    finally:
+        g.close()

@@ -13,8 +13,10 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from tests.conftest import ROOT, recv_matching
+from tests.driver import constants as C
 from tests.driver.frontend import Frontend
 from tests.driver.guestmem import GuestMemory
+from tests.driver.packed import PackedRing
 from tests.driver.split import SplitRing, net_hdr
 
 HDR = 12
@@ -49,14 +51,21 @@ class Guest:
     """Guest memory + an RX/TX ring pair, connected and set up through a Frontend."""
 
     def __init__(self, path: str, num: int = 256, event_idx: bool = True, indirect: bool = False,
-                 mem: GuestMemory | None = None):
+                 mem: GuestMemory | None = None, packed: bool = False):
         self.mem = mem or GuestMemory(32 << 20)
-        self.rx = SplitRing(self.mem, num, event_idx=event_idx, indirect=indirect)
-        self.tx = SplitRing(self.mem, num, event_idx=event_idx, indirect=indirect)
+        ring = PackedRing if packed else SplitRing
+        self.packed = packed
+        self.rx = ring(self.mem, num, event_idx=event_idx, indirect=indirect)
+        self.tx = ring(self.mem, num, event_idx=event_idx, indirect=indirect)
         self.fe = Frontend.connect(path, timeout=10)
         self.fe.ack_all = True
 
     def setup(self, **kw) -> "Guest":
+        if self.packed and "features" not in kw:
+            kw["features"] = C.bits(C.VIRTIO_F_VERSION_1, C.VIRTIO_NET_F_MRG_RXBUF, C.VIRTIO_F_RING_PACKED,
+                                    *([C.VIRTIO_RING_F_EVENT_IDX] if self.tx.event_idx else []))
+        if self.packed and "bases" not in kw:
+            kw["bases"] = {0: 0x8000, 1: 0x8000}        # slot 0, wrap counter 1 (as DPDK sends it)
         self.fe.setup_net(self.mem, {0: self.rx, 1: self.tx}, **kw)
         return self
 

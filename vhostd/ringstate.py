@@ -1,7 +1,7 @@
 """A diagnostic snapshot of each vring: what the device holds, what guest memory
 says, and what is pending in the kick and call eventfds (`vhostctl rings`).
 
-Reading a stuck queue (the hints spell these out for split rings):
+Reading a stuck queue (the hints spell these out):
 - TX: guest avail ahead of the device's last_avail, and a kick pending in the
   kick eventfd: the worker is not reading its kicks;
 - TX: guest avail ahead, no kick pending, device not asking for one (split: used
@@ -79,17 +79,39 @@ def _packed_guest(mem, v, last_avail: int) -> dict:
     return out
 
 
+PACKED_F_AVAIL, PACKED_F_USED = 1 << 7, 1 << 15
+
+
+def _waiting_and_asks(row: dict) -> tuple[int | None, bool]:
+    """(chains available past the device's position, the device asks for a kick
+    there). Packed rings tell only whether one chain is there (0 or 1)."""
+    g, d = row.get("guest", {}), row["device"]
+    if row["layout"] == "split":
+        if "avail_idx" not in g:
+            return None, True
+        waiting = (g["avail_idx"] - d["last_avail"]) & 0xFFFF
+        asks = (g.get("avail_event") == d["last_avail"] if row["event_idx"]
+                else not g.get("used_flags", 0) & VRING_USED_F_NO_NOTIFY)
+        return waiting, asks
+    if "next_desc_flags" not in g:
+        return None, True
+    wrap, flags = bool(d["last_avail"] >> 15), g["next_desc_flags"]
+    waiting = int(bool(flags & PACKED_F_AVAIL) == wrap and bool(flags & PACKED_F_USED) != wrap)
+    ev = g.get("device_event", {})
+    asks = ev.get("flags") == "enable" or (ev.get("flags") == "desc" and ev.get("off_wrap") == d["last_avail"])
+    return waiting, asks
+
+
 def _hints(row: dict) -> list[str]:
     g, d = row.get("guest", {}), row["device"]
     if not row["ready"]:
         return ["not serviced (not started, not mapped, or broken)"]
     hints = []
-    if row["layout"] == "split" and "avail_idx" in g:
-        waiting = (g["avail_idx"] - d["last_avail"]) & 0xFFFF
-        asks = (g.get("avail_event") == d["last_avail"] if row["event_idx"]
-                else not g.get("used_flags", 0) & VRING_USED_F_NO_NOTIFY)
+    waiting, asks = _waiting_and_asks(row)
+    if waiting is not None:
         if row["dir"] == "tx" and waiting:
-            hints.append(f"{waiting} chain(s) available that the device has not taken")
+            what = f"{waiting} chain(s)" if row["layout"] == "split" else "a chain (or more)"
+            hints.append(f"{what} available that the device has not taken")
             if row["kick_pending"]:
                 hints.append("a kick is pending that the worker has not read")
             elif not asks:
@@ -100,7 +122,7 @@ def _hints(row: dict) -> list[str]:
                 hints.append("the device has not asked for a kick when buffers come")
         elif row["dir"] == "rx" and not row["tap_watched"] and not row["tap_dead"]:
             hints.append("receive buffers available but the worker is not watching the TAP")
-        if g.get("used_idx") is not None and g["used_idx"] != d["published_used"]:
+        if g.get("used_idx") is not None and g["used_idx"] != d.get("published_used"):
             hints.append("used idx in guest memory differs from the device's")
     if row["call_pending"]:
         hints.append("a call is pending that the frontend has not read")

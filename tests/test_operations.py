@@ -250,6 +250,14 @@ def test_add_and_del_port_at_run_time(config_daemon, netns, tmp_path):
     assert not tap_exists(netns, "vrm")                 # --remove-tap: vhostd made it, vhostd deletes it
 
 
+def deliver(g: Guest, sock, n: int) -> None:
+    """n frames guest -> TAP, seen on the host side and used; the call read."""
+    g.send([frame(i) for i in range(n)])
+    collect(sock, n)
+    g.tx.wait_used(n)
+    g.tx.drain_call()
+
+
 def tap_exists(netns: str, name: str) -> bool:
     return subprocess.run(["ip", "-n", netns, "link", "show", name], capture_output=True).returncode == 0
 
@@ -309,10 +317,7 @@ def test_rings_shows_positions_pending_chains_and_calls(config_daemon, netns):
     g = Guest(d.sock("vrg")).setup()
     try:
         s = packet_socket(netns, "vrg")
-        g.send([frame(i) for i in range(5)])
-        collect(s, 5)
-        g.tx.wait_used(5)
-        g.tx.drain_call()
+        deliver(g, s, 5)
         [port] = d.ctl_json("rings")
         assert port["port"] == "vrg" and port["connected"] is True
         rings = {r["dir"]: r for r in port["rings"]}
@@ -356,10 +361,7 @@ def test_rings_packed_shows_positions_and_a_chain_not_taken(config_daemon, netns
     g = Guest(d.sock("vrp"), packed=True).setup()
     try:
         s = packet_socket(netns, "vrp")
-        g.send([frame(i) for i in range(3)])
-        collect(s, 3)
-        g.tx.wait_used(3)
-        g.tx.drain_call()
+        deliver(g, s, 3)
         rings = {r["dir"]: r for r in d.ctl_json("rings")[0]["rings"]}
         tx = rings["tx"]
         assert tx["layout"] == "packed" and tx["ready"]

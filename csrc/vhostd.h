@@ -226,6 +226,7 @@ int vr_set_tx_copy_max(unsigned bytes);
 /* Frames this queue pair's TX sent through its bounce buffers (valid header,
  * handed to the TAP), since it was created. Read while paused. */
 uint64_t vr_qp_tx_copied(struct vr_qp *qp);
+
 /*
  * The device side of vq `which` and its worker, for diagnostics (vhostctl rings):
  * readable any time, without pausing, so a snapshot of a running ring can be a

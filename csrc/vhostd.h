@@ -127,7 +127,7 @@ void *vr_translate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t 
 /* Checks a table: regions non-empty, no gpa/uva overflow, no gpa overlap. 0 or -EINVAL. */
 int vr_mem_validate(const struct vr_mem *mem);
 
-/* --- queue pair and worker (worker.c) --- */
+/* --- queue pair and worker (qp_control.c; the worker thread: worker.c) --- */
 
 /*
  * Creates a queue pair bound to `mem` (which must outlive it) and `tap_fd`
@@ -205,7 +205,8 @@ int vr_qp_reset_vq(struct vr_qp *qp, int which);
  */
 int vr_qp_event_fd(struct vr_qp *qp);
 
-/* --- TAP I/O mode, busy polling, CPU placement (worker.c) --- */
+/* --- TAP I/O mode, busy polling, CPU placement, diagnostics (process-wide switches:
+ *     worker.c; per queue pair: qp_control.c) --- */
 
 /*
  * Process-wide switch read by vr_qp_new(): 0 makes new queue pairs use one

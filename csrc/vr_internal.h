@@ -4,7 +4,7 @@
  * Owns: the one guest-address translation function (vr_xlate), the named memory
  * barriers, guest-shared access helpers, the split-ring layout (virtio 1.1 §2.6),
  * and the queue-pair / virtqueue structures shared by vring_split.c, net_tx.c,
- * net_rx.c and worker.c.
+ * net_rx.c, worker.c and qp_control.c.
  *
  * Byte order: the guest is assumed little-endian, which is what VERSION_1 requires
  * and what legacy x86/arm64 guests are. Ring and vnet-header fields are used as
@@ -434,5 +434,11 @@ enum vr_rx_state {
     VR_RX_TAP_DEAD,     /* TAP hung up: stop watching it until resume */
 };
 enum vr_rx_state vr_rx_process(struct vr_qp *qp);
+
+/* worker.c: the worker thread, and what vr_qp_new() (qp_control.c) needs to start it */
+extern pthread_once_t vr_bus_once;      /* vr_install_bus_handler(), once per process */
+void vr_install_bus_handler(void);      /* SIGBUS in guest memory breaks the vqs, see worker.c */
+void *vr_worker(void *arg);             /* pthread_create() start routine, arg: the qp */
+extern unsigned vr_tx_copy_max;         /* vr_set_tx_copy_max(); read by vr_qp_new() */
 
 #endif /* VR_INTERNAL_H */

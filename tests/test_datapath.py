@@ -1,5 +1,5 @@
 """Tests for the C datapath (csrc/: guest_mem.c, vring_split.c, net_tx.c,
-net_rx.c, worker.c) driven directly through cffi.
+net_rx.c, worker.c, qp_control.c) driven directly through cffi.
 
 The guest side is tests/driver (GuestMemory + SplitRing): memfd guest RAM laid
 out as a guest driver would, mapped a second time by the C side through

@@ -1,6 +1,6 @@
 """Seed corpus for fuzz_rings.c: rings laid out by the tests' guest drivers.
 
-The chain shapes are the ones the ring tests post (tests/test_datapath.py,
+The chain shapes are the ones the ring tests post (tests/test_datapath_*.py,
 tests/test_vring_packed.py, tests/test_ring_properties.py): header and frame in
 one or many descriptors, empty descriptors, indirect tables, mergeable RX
 buffer sets, small non-power-of-two packed rings, EVENT_IDX, buffers in a far
@@ -85,7 +85,7 @@ def tx_blob(n=200, seed=1, **hdr):
 
 
 def seeds():
-    # TX: one descriptor; RX: one buffer (test_datapath basics)
+    # TX: one descriptor; RX: one buffer (test_datapath_tx/_rx basics)
     s = Seed(num=8)
     s.tx.add_out([tx_blob()]); s.tx.publish()
     s.rx.add_in([1530]); s.rx.publish()

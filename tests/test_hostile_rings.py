@@ -2,9 +2,9 @@
 tests/driver/hostile.py, on split and packed rings (direct and indirect), on
 the TX and on the RX ring of queue pair 0 of a two-pair port.
 
-test_datapath.py and test_vring_packed.py check the C side of each rule with the
-datapath alone (the exact VR_BROKEN_* code, the err eventfd, no spin). Here the
-whole daemon answers, and for each corruption the test checks that:
+test_datapath_hostile.py and test_vring_packed.py check the C side of each rule
+with the datapath alone (the exact VR_BROKEN_* code, the err eventfd, no spin).
+Here the whole daemon answers, and for each corruption the test checks that:
   - just that vring is marked broken, with the reason, counted once
     (drop_bad_desc + 1) and logged in exactly one line; legal input (a buffer
     crossing regions, a zero-length descriptor) is delivered, a chain shorter

@@ -3,7 +3,7 @@
 the busy-poll window (--busy-poll-us / busy_poll_us) and worker CPU placement
 (--cpu-affinity / cpu_affinity), from the C API up to the command line.
 
-The datapath cases reuse tests/test_datapath.py's Dev (guest rings in memfd
+The datapath cases reuse tests/datapath_harness.py's Dev (guest rings in memfd
 memory, a SOCK_SEQPACKET socketpair standing in for the TAP).
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from vhostd.config import PortConfig, check_port, load_config, parse_cpus
 from vhostd.errors import SetupError
 
 from tests.conftest import ROOT, DaemonProcess
+from tests.datapath_harness import F_V1, F_PACKED, Dev, eth_frame, wait_for
 from tests.driver import net_hdr
-from tests.test_datapath import F_V1, F_PACKED, Dev, eth_frame, wait_for
 
 
 def _uring_works() -> bool:
@@ -183,8 +183,8 @@ SECCOMP_CHILD = textwrap.dedent(r'''
     assert sc.seccomp_load(ctx) == 0
     from vhostd import native
     from vhostd._native import lib
+    from tests.datapath_harness import Dev, eth_frame, wait_for
     from tests.driver import net_hdr
-    from tests.test_datapath import Dev, eth_frame, wait_for
     d = Dev()
     assert lib.vr_qp_io_mode(d.qp) == lib.VR_IO_SYSCALL, lib.vr_qp_io_mode(d.qp)
     assert lib.vr_qp_io_error(d.qp) == errno.EPERM, lib.vr_qp_io_error(d.qp)

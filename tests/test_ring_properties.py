@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vhostd._native import lib
 
-from tests.driver import net_hdr, parse_net_hdr
-from tests.test_datapath import (
+from tests.datapath_harness import (
     F_EVENT_IDX, F_INDIRECT, F_MRG, F_PACKED, F_V1, Dev, eth_frame, mrg_frames,
 )
+from tests.driver import net_hdr, parse_net_hdr
 
 KINDS = {"split": (0, 64), "packed": (F_PACKED, 61)}
 

@@ -1,7 +1,8 @@
 """Packed virtqueue (csrc/vring_packed.c) through the same net datapath, driven by
-the guest-side PackedRing double: mirrors the split-ring tests of test_datapath.py
-(TX/RX, wrap-around over several laps of a small non-power-of-two queue, event
-suppression in both modes, indirect tables, hostile descriptors, SET/GET base).
+the guest-side PackedRing double: mirrors the split-ring tests of the
+test_datapath_*.py modules (TX/RX, wrap-around over several laps of a small
+non-power-of-two queue, event suppression in both modes, indirect tables,
+hostile descriptors, SET/GET base).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import pytest
 
 from vhostd._native import ffi, lib
 
+from tests.datapath_harness import (
+    F_EVENT_IDX, F_INDIRECT, F_MRG, F_PACKED, F_V1, Dev, eth_frame, mrg_frames,
+    read_efd, wait_for,
+)
 from tests.driver import net_hdr
 from tests.driver.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from tests.driver.packed import (
     VRING_PACKED_EVENT_FLAG_DESC, VRING_PACKED_EVENT_FLAG_DISABLE,
     VRING_PACKED_EVENT_FLAG_ENABLE,
-)
-from tests.test_datapath import (
-    F_EVENT_IDX, F_INDIRECT, F_MRG, F_PACKED, F_V1, Dev, eth_frame, mrg_frames,
-    read_efd, wait_for,
 )
 
 FP = F_V1 | F_PACKED

@@ -1,6 +1,6 @@
 """Shared harness for the C datapath tests, which drive csrc/ (guest_mem.c,
-vring_split.c, vring_packed.c, net_tx.c, net_rx.c, worker.c, qp_control.c) directly through
-cffi: the test_datapath_*.py modules, test_vring_packed.py,
+vring_split.c, vring_packed.c, net_tx.c, net_rx.c, worker.c, qp_control.c)
+directly through cffi: the test_datapath_*.py modules, test_vring_packed.py,
 test_ring_properties.py and test_perf_options.py import from here.
 
 Dev is one queue pair with both rings configured and running. The guest side is

@@ -32,61 +32,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The e2e modules are imported top-level (conftest.py puts tests/e2e on sys.path,
-# the tests do ``import guest``) or as tests.e2e.<module>; both work.
+# The e2e modules import each other top-level: conftest.py puts tests/e2e on sys.path.
 # _set_pdeathsig and _kill_group are used by test_dpdk_virtio_user.py as well.
-if __package__:
-    from .guest_image import (
-        BUILD_SCRIPT,
-        REPO_ROOT,
-        GuestImage,
-        build_guest,
-        default_guest_dir,
-        make_initramfs,
-        newc_archive,
-    )
-    from .procs import (
-        DEFAULT_FILE_SIZE,
-        GUEST_IP,
-        HOST_IP,
-        PREFIX_LEN,
-        BackgroundProcess,
-        HttpFileServer,
-        NetNS,
-        dpdk_reference_backend,
-        ensure_apt_packages,
-        netns_name,
-        tail,
-        wait_for_socket,
-        _kill_group,
-        _set_pdeathsig,
-    )
-else:
-    from guest_image import (
-        BUILD_SCRIPT,
-        REPO_ROOT,
-        GuestImage,
-        build_guest,
-        default_guest_dir,
-        make_initramfs,
-        newc_archive,
-    )
-    from procs import (
-        DEFAULT_FILE_SIZE,
-        GUEST_IP,
-        HOST_IP,
-        PREFIX_LEN,
-        BackgroundProcess,
-        HttpFileServer,
-        NetNS,
-        dpdk_reference_backend,
-        ensure_apt_packages,
-        netns_name,
-        tail,
-        wait_for_socket,
-        _kill_group,
-        _set_pdeathsig,
-    )
+from guest_image import (
+    BUILD_SCRIPT,
+    REPO_ROOT,
+    GuestImage,
+    build_guest,
+    default_guest_dir,
+    make_initramfs,
+    newc_archive,
+)
+from procs import (
+    DEFAULT_FILE_SIZE,
+    GUEST_IP,
+    HOST_IP,
+    PREFIX_LEN,
+    BackgroundProcess,
+    HttpFileServer,
+    NetNS,
+    dpdk_reference_backend,
+    ensure_apt_packages,
+    netns_name,
+    tail,
+    wait_for_socket,
+    _kill_group,
+    _set_pdeathsig,
+)
 
 __all__ = [
     "BUILD_SCRIPT",

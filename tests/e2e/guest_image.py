@@ -21,12 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The e2e modules are imported top-level (conftest.py puts tests/e2e on sys.path,
-# the tests do ``import guest``) or as tests.e2e.<module>; both work.
-if __package__:
-    from .procs import tail
-else:
-    from procs import tail
+# The e2e modules import each other top-level: conftest.py puts tests/e2e on sys.path.
+from procs import tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-guest.sh"

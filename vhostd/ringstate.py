@@ -21,9 +21,9 @@ from __future__ import annotations
 import struct
 
 from vhostd.native import BROKEN_REASONS, ffi, lib
+from vhostd.net import F_EVENT_IDX
 
-F_EVENT_IDX = 29
-VRING_USED_F_NO_NOTIFY = 1
+VRING_USED_F_NO_NOTIFY = 1                          # virtio 1.1 §2.6.7 (not in the cdef)
 PACKED_EVENT_FLAGS = {0: "enable", 1: "disable", 2: "desc"}
 
 

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 
 #include "vr_internal.h"
 
@@ -30,6 +31,18 @@ int vr_mmap(int fd, uint64_t len, uint64_t *addr)
     if (p == MAP_FAILED)
         return -errno;
     *addr = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+int vr_fd_fs_type(int fd, uint64_t *type)
+{
+    struct statfs sfs;
+
+    if (!type || fd < 0)
+        return -EINVAL;
+    if (fstatfs(fd, &sfs) < 0)
+        return -errno;
+    *type = (uint64_t)(unsigned long)sfs.f_type;
     return 0;
 }
 

@@ -90,13 +90,19 @@ static void vr_stash_compact(struct vr_qp *qp)
     qp->stash_iov_end -= iov0;
 }
 
-/* Gives every stashed chain back to the ring (they will be popped again). */
+/* Gives every stashed chain back to the ring (they will be popped again).
+ * Touches only the device's own position, never guest memory. */
 static void vr_stash_return(struct vr_qp *qp, struct vr_vq *vq)
 {
     if (qp->stash_count)
         vr_vq_rewind(vq, &qp->rx_stash[qp->stash_first]);
     qp->stash_first = qp->stash_count = qp->stash_iov_end = 0;
     qp->stash_bytes = 0;
+}
+
+void vr_rx_stash_forget(struct vr_qp *qp)
+{
+    vr_stash_return(qp, &qp->vq[VR_RX]);
 }
 
 /*

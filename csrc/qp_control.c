@@ -18,6 +18,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vr_internal.h"
@@ -53,6 +54,22 @@ static void vr_vq_init(struct vr_vq *vq, uint64_t features)
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
     vq->ops = vr_ops_for(features);
     vq->ops->init_state(vq);
+}
+
+/*
+ * Drops what a vq's worker state may still hold from before (RX stash, TX
+ * requests not submitted). Parked, both are empty unless a fault cut a burst
+ * short; the ring state is about to be replaced either way, and nothing that
+ * points into the old ring or memory may survive into the new one.
+ */
+static void vr_qp_forget_inflight(struct vr_qp *qp, int which)
+{
+    if (which == VR_RX) {
+        qp->stash_first = qp->stash_count = qp->stash_iov_end = 0;
+        qp->stash_bytes = 0;
+    } else {
+        vr_uring_discard(&qp->ring);
+    }
 }
 
 /*
@@ -112,9 +129,16 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
         goto fail_fds;
     }
     pthread_mutex_init(&qp->lock, NULL);
-    pthread_cond_init(&qp->cond, NULL);
+    {
+        pthread_condattr_t ca;
 
-    pthread_once(&vr_bus_once, vr_install_bus_handler);
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);    /* vr_qp_pause's deadline */
+        pthread_cond_init(&qp->cond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+
+    pthread_once(&vr_signals_once, vr_install_signals);
     /* The worker takes no signals (but SIGBUS, see vr_worker): they belong to the
      * Python main thread. */
     sigfillset(&all);
@@ -152,10 +176,19 @@ static void vr_ctrl_signal(struct vr_qp *qp)
     (void)r;
 }
 
-void vr_qp_free(struct vr_qp *qp)
+int vr_qp_free(struct vr_qp *qp)
 {
+    bool stuck;
+
     if (!qp)
-        return;
+        return 0;
+    /* Park the worker first (nudging it out of a blocking eventfd), so that the
+     * join below cannot wait for ever; a stuck worker is left alone. */
+    pthread_mutex_lock(&qp->lock);
+    stuck = qp->stuck && !qp->parked;
+    pthread_mutex_unlock(&qp->lock);
+    if (stuck || (!qp->stuck && vr_qp_pause(qp) == -ETIMEDOUT))
+        return -EBUSY;
     pthread_mutex_lock(&qp->lock);
     qp->stop = true;
     pthread_cond_broadcast(&qp->cond);
@@ -168,10 +201,50 @@ void vr_qp_free(struct vr_qp *qp)
     pthread_cond_destroy(&qp->cond);
     pthread_mutex_destroy(&qp->lock);
     free(qp);
+    return 0;
 }
 
+/* vr_qp_pause(): how long a worker may take to park, and how often it is nudged
+ * meanwhile. A burst is bounded (VR_BURST chains each way, non-blocking TAP
+ * I/O), so a healthy worker parks within milliseconds even on a loaded host. */
+static unsigned vr_pause_timeout_ms = 5000;
+#define VR_NUDGE_INTERVAL_MS 20
+
+void vr_set_pause_timeout(unsigned ms)
+{
+    __atomic_store_n(&vr_pause_timeout_ms, ms ? ms : 1, __ATOMIC_RELAXED);
+}
+
+static struct timespec vr_ts_after_ms(const struct timespec *t, unsigned ms)
+{
+    struct timespec r = *t;
+
+    r.tv_sec += ms / 1000;
+    r.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (r.tv_nsec >= 1000000000L) {
+        r.tv_sec++;
+        r.tv_nsec -= 1000000000L;
+    }
+    return r;
+}
+
+static bool vr_ts_before(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+/*
+ * The control plane must never wait for a worker without bound: it is the
+ * daemon's only event loop. The worker parks at its next control event; what
+ * can keep it from getting there is a syscall sleeping on an fd the frontend
+ * controls (an eventfd it made blocking, see vr_efd_signal), which the nudge
+ * interrupts, or a bug, which nothing here can fix: the pair is then stuck,
+ * and the caller fails its port instead of the daemon.
+ */
 int vr_qp_pause(struct vr_qp *qp)
 {
+    struct timespec now, deadline, next;
+
     if (!qp)
         return -EINVAL;
     pthread_mutex_lock(&qp->lock);
@@ -179,12 +252,46 @@ int vr_qp_pause(struct vr_qp *qp)
         pthread_mutex_unlock(&qp->lock);
         return -ESHUTDOWN;
     }
+    if (qp->stuck) {
+        pthread_mutex_unlock(&qp->lock);
+        return -ETIMEDOUT;
+    }
     if (qp->pause_req++ == 0 && !qp->parked)
         vr_ctrl_signal(qp);
-    while (!qp->parked)
-        pthread_cond_wait(&qp->cond, &qp->lock);
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    deadline = vr_ts_after_ms(&now, __atomic_load_n(&vr_pause_timeout_ms, __ATOMIC_RELAXED));
+    while (!qp->parked) {
+        next = vr_ts_after_ms(&now, VR_NUDGE_INTERVAL_MS);
+        if (vr_ts_before(&deadline, &next))
+            next = deadline;
+        pthread_cond_timedwait(&qp->cond, &qp->lock, &next);
+        if (qp->parked)
+            break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (!vr_ts_before(&now, &deadline)) {
+            /* The pause request stays counted: should the worker ever get back
+             * to its loop, it parks and stays parked until vr_qp_free(). */
+            qp->stuck = true;
+            pthread_mutex_unlock(&qp->lock);
+            return -ETIMEDOUT;
+        }
+        pthread_kill(qp->thread, VR_SIG_NUDGE);
+        qp->nudges++;
+    }
     pthread_mutex_unlock(&qp->lock);
     return 0;
+}
+
+int vr_qp_parked(struct vr_qp *qp)
+{
+    int p;
+
+    if (!qp)
+        return -EINVAL;
+    pthread_mutex_lock(&qp->lock);
+    p = qp->parked;
+    pthread_mutex_unlock(&qp->lock);
+    return p;
 }
 
 int vr_qp_resume(struct vr_qp *qp)
@@ -226,6 +333,7 @@ int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_le
 
         if (vq->ops == ops)
             continue;
+        vr_qp_forget_inflight(qp, w);
         vq->ops = ops;
         ops->init_state(vq);
         if (vq->addr_set)
@@ -276,6 +384,7 @@ int vr_qp_set_addr(struct vr_qp *qp, int which, uint64_t desc_uva, uint64_t avai
 int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base)
 {
     VR_CHECK_PAUSED_VQ(qp, which);
+    vr_qp_forget_inflight(qp, which);
     return qp->vq[which].ops->set_base(&qp->vq[which], base);
 }
 
@@ -356,6 +465,7 @@ int vr_qp_reset_vq(struct vr_qp *qp, int which)
         epoll_ctl(qp->epfd, EPOLL_CTL_DEL, qp->kick_watched[which], NULL);
         qp->kick_watched[which] = -1;
     }
+    vr_qp_forget_inflight(qp, which);
     vr_vq_init(&qp->vq[which], qp->features);
     return 0;
 }
@@ -417,6 +527,20 @@ int vr_qp_set_cpu(struct vr_qp *qp, int cpu)
 }
 
 /* ------------------------------------------------------------- diagnostics */
+
+int vr_qp_test_stall(struct vr_qp *qp, unsigned ms)
+{
+    if (!qp)
+        return -EINVAL;
+    __atomic_store_n(&qp->test_stall_ms, ms, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int vr_qp_inflight(struct vr_qp *qp)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    return (int)(qp->stash_count + qp->ring.pending);
+}
 
 uint64_t vr_qp_tx_copied(struct vr_qp *qp)
 {

@@ -72,6 +72,11 @@
 #define VR_BROKEN_INDIRECT 4     /* bad indirect table (size, nesting, NEXT+INDIRECT) */
 #define VR_BROKEN_RING_ADDR 5    /* desc/avail/used not inside one mapped region */
 #define VR_BROKEN_MEMORY 6       /* guest memory faulted (the frontend shrank its file) */
+#define VR_BROKEN_NOTIFY 7       /* a kick or call eventfd blocked the worker (detail: VR_NOTIFY_*) */
+
+/* broken_detail of VR_BROKEN_NOTIFY: which eventfd the frontend made blocking */
+#define VR_NOTIFY_KICK 0
+#define VR_NOTIFY_CALL 1
 
 /* One guest memory region, as SET_MEM_TABLE describes it plus where we mapped it. */
 struct vr_region {
@@ -116,6 +121,9 @@ struct vr_qp;                   /* opaque: one queue pair + its worker thread */
 int vr_mmap(int fd, uint64_t len, uint64_t *addr);
 int vr_munmap(uint64_t addr, uint64_t len);
 
+/* The f_type fstatfs(2) reports for fd's file system (TMPFS_MAGIC, HUGETLBFS_MAGIC, ...). */
+int vr_fd_fs_type(int fd, uint64_t *type);
+
 /*
  * The one translation function (exported copy of the inline one the datapath uses):
  * host pointer for `addr` in `space`, or NULL if unmapped. On success *len is
@@ -136,13 +144,27 @@ int vr_mem_validate(const struct vr_mem *mem);
  */
 struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd);
 
-/* Stops and joins the worker, frees the qp. Closes no fd. */
-void vr_qp_free(struct vr_qp *qp);
+/* Parks, stops and joins the worker, frees the qp. Closes no fd. -EBUSY, and
+ * nothing freed, for a stuck worker that has not parked (see vr_qp_pause): the
+ * caller keeps the qp, its memory and its fds until vr_qp_parked(), then frees
+ * it again. */
+int vr_qp_free(struct vr_qp *qp);
 
-/* Synchronous: returns once the worker is parked outside the datapath. Nests: each
- * pause needs one resume. */
+/*
+ * Synchronous: returns once the worker is parked outside the datapath. Nests: each
+ * pause needs one resume. A worker that does not park at once is nudged
+ * (VR_SIG_NUDGE, which ends a sleep in an eventfd the frontend made blocking);
+ * one that still has not parked when the pause timeout (default 5 s) expires is
+ * marked stuck: -ETIMEDOUT, now and for every later pause, and the pause request
+ * stays pending, so that the worker parks for good if it ever returns. A stuck
+ * queue pair must not be freed, nor its memory unmapped, before vr_qp_parked()
+ * says it has parked.
+ */
 int vr_qp_pause(struct vr_qp *qp);
 int vr_qp_resume(struct vr_qp *qp);
+
+/* 1 if the worker is parked now (a stuck one that came back), else 0. */
+int vr_qp_parked(struct vr_qp *qp);
 
 /*
  * Negotiated virtio features (VR_F_* bits) and the vnet header length (10 or 12;
@@ -272,6 +294,20 @@ int vr_qp_set_busy_poll(struct vr_qp *qp, uint32_t usecs);
 /* Pins the worker thread to one CPU; -1 undoes it. -EINVAL for a CPU that is
  * not available to the process, -EPERM under a sandbox that forbids it. */
 int vr_qp_set_cpu(struct vr_qp *qp, int cpu);
+
+/* --- test-only entry points (tests and fuzzers; the daemon never calls these) --- */
+
+/* The pause timeout of vr_qp_pause() for every queue pair, in ms (default 5000). */
+void vr_set_pause_timeout(unsigned ms);
+
+/* Makes the worker spin for `ms` milliseconds, deaf to nudges, at the start of
+ * its next pass: a worker that will not park. Callable any time. */
+int vr_qp_test_stall(struct vr_qp *qp, unsigned ms);
+
+/* What the worker holds between bursts that it must never hold while parked:
+ * RX chains popped but not used (the stash) plus TX requests prepared for
+ * io_uring but not submitted. 0 for a healthy parked queue pair. Paused only. */
+int vr_qp_inflight(struct vr_qp *qp);
 
 /* cdef-end */
 

@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -340,10 +341,13 @@ struct vr_qp {
 
     pthread_t thread;
     pthread_mutex_t lock;
-    pthread_cond_t cond;
+    pthread_cond_t cond;                /* CLOCK_MONOTONIC, for vr_qp_pause's deadline */
     unsigned pause_req;                 /* nested pause count (under lock) */
     bool parked;                        /* worker is parked (under lock) */
     bool stop;                          /* under lock */
+    bool stuck;                         /* under lock: missed a pause deadline (vr_qp_pause) */
+    uint64_t nudges;                    /* under lock: VR_SIG_NUDGEs sent to the worker */
+    uint32_t test_stall_ms;             /* vr_qp_test_stall(): spin this long before the next pass */
 
     uint32_t mtu;                       /* vr_qp_set_mtu(); 1500 by default */
     uint32_t rx_need;                   /* MRG_RXBUF: bytes of buffers to gather per frame */
@@ -387,8 +391,53 @@ static inline void vr_hist_add(struct vr_vq_stats *s, unsigned n)
 /* vring_split.c / vring_packed.c */
 extern const struct vr_ring_ops vr_split_ops;
 extern const struct vr_ring_ops vr_packed_ops;
-void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail);
-void vr_efd_signal(int fd);
+
+/*
+ * Signals eventfd `fd` (a call or err fd, or our own event fd); -1 is no fd.
+ * The control plane sets the frontend's fds O_NONBLOCK when it installs them,
+ * and then a full counter answers EAGAIN: the reader has a wake-up pending
+ * anyway, so nothing is lost. But the frontend shares the open file
+ * description and may clear O_NONBLOCK again: then a write to a saturated
+ * counter sleeps, and only the control plane's nudge (vr_qp_pause sends the
+ * worker VR_SIG_NUDGE) ends it, with EINTR. false in that case: the fd is
+ * hostile and its vq must stop (VR_BROKEN_NOTIFY).
+ */
+static inline bool vr_efd_signal(int fd)
+{
+    uint64_t one = 1;
+
+    if (fd < 0)
+        return true;
+    return !(write(fd, &one, sizeof(one)) < 0 && errno == EINTR);
+}
+
+/*
+ * Stops servicing vq: counted once, the reason published for the control plane
+ * (which logs it once when qp->event_fd fires) and the frontend's err fd
+ * signalled. Idempotent: the first reason stays.
+ */
+static inline void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail)
+{
+    if (vq->stats.broken)
+        return;
+    vq->stats.broken_detail = detail;
+    vq->stats.drop_bad_desc++;
+    /* release: the detail is visible before the reason the control plane polls. */
+    __atomic_store_n(&vq->stats.broken, why, __ATOMIC_RELEASE);
+    (void)vr_efd_signal(vq->err_fd);    /* a blocked err fd only loses the frontend its notice */
+    (void)vr_efd_signal(qp->event_fd);
+}
+
+/* The call after a flush that decided to interrupt the guest: counted, and a
+ * call fd that blocked (see vr_efd_signal) stops the vq. */
+static inline void vr_vq_call(struct vr_qp *qp, struct vr_vq *vq)
+{
+    if (vq->call_fd < 0)
+        return;
+    vq->stats.calls++;
+    if (!vr_efd_signal(vq->call_fd))
+        vr_vq_set_broken(qp, vq, VR_BROKEN_NOTIFY, VR_NOTIFY_CALL);
+}
 
 /* The ring-kind dispatch: one indirect call, the kind chosen once per vq. */
 static inline int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
@@ -426,6 +475,11 @@ static inline bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
 bool vr_tx_process(struct vr_qp *qp);
 
 /* net_rx.c */
+/* Forgets the chains RX has popped but not used (the stash) without touching
+ * guest memory; their positions are given back to the vq. After a fault (the
+ * vq is broken), a reset or a new base: a stale stash would point into memory
+ * a later frontend no longer owns. */
+void vr_rx_stash_forget(struct vr_qp *qp);
 enum vr_rx_state {
     VR_RX_OFF,          /* ring not ready/enabled: do not read the TAP */
     VR_RX_MORE,         /* burst limit hit: come back soon */
@@ -436,9 +490,19 @@ enum vr_rx_state {
 enum vr_rx_state vr_rx_process(struct vr_qp *qp);
 
 /* worker.c: the worker thread, and what vr_qp_new() (qp_control.c) needs to start it */
-extern pthread_once_t vr_bus_once;      /* vr_install_bus_handler(), once per process */
-void vr_install_bus_handler(void);      /* SIGBUS in guest memory breaks the vqs, see worker.c */
+extern pthread_once_t vr_signals_once;  /* vr_install_signals(), once per process */
+void vr_install_signals(void);          /* SIGBUS recovery and the nudge, see worker.c */
 void *vr_worker(void *arg);             /* pthread_create() start routine, arg: the qp */
 extern unsigned vr_tx_copy_max;         /* vr_set_tx_copy_max(); read by vr_qp_new() */
+
+/*
+ * The nudge: a signal the control plane sends a worker that does not park in
+ * time (vr_qp_pause). Its handler does nothing and is installed without
+ * SA_RESTART, so the only effect is that a sleeping syscall of the worker
+ * returns EINTR: epoll_wait and io_uring_enter simply retry, an eventfd access
+ * the frontend made blocking fails (vr_efd_signal). A real-time signal nobody
+ * else in the process uses; glibc's SIGRTMIN already skips its own.
+ */
+#define VR_SIG_NUDGE (SIGRTMIN + 6)
 
 #endif /* VR_INTERNAL_H */

@@ -278,6 +278,18 @@ static inline int vr_uring_submit_wait(struct vr_uring *r, unsigned *submitted)
     }
 }
 
+/*
+ * Withdraws the SQEs queued since the last submit: they were never published
+ * (sq.tail still excludes them), so the kernel never sees them. For a burst cut
+ * short (a fault while it was being assembled) whose requests point into
+ * memory that may be gone.
+ */
+static inline void vr_uring_discard(struct vr_uring *r)
+{
+    r->sq_local_tail -= r->pending;
+    r->pending = 0;
+}
+
 /* Next completion, or NULL. vr_uring_cqe_seen() after reading it. */
 static inline struct io_uring_cqe *vr_uring_peek(struct vr_uring *r)
 {

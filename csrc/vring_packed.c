@@ -20,7 +20,8 @@
  *  - indirect (§2.7.5): only with VIRTIO_RING_F_INDIRECT_DESC; the indirect
  *    descriptor stands alone (no NEXT, not inside a chain); len a nonzero
  *    multiple of 16 and at most num entries; no INDIRECT inside a table; the table
- *    must be contiguous in one region, so one crossing a boundary is rejected.
+ *    must be contiguous in one region, so one crossing a boundary is rejected,
+ *    and 16-byte aligned.
  *  - readable descriptors come before writable ones.
  *  - buffer ranges go through vr_gather(): crossing regions is split into one
  *    iovec per region; an unmapped byte or a wrapping range is VR_BROKEN_ADDR.
@@ -197,7 +198,8 @@ static int vr_walk_indirect(struct vr_qp *qp, struct vr_vq *vq, const struct vri
     table = vr_xlate(qp->mem, VR_SPACE_GPA, d->addr, &l);
     if (!table)
         return VR_BROKEN_ADDR;
-    if (l < d->len)                     /* the table must be contiguous in one region */
+    /* contiguous in one region, and 16-byte aligned like the descriptor ring */
+    if (l < d->len || ((uintptr_t)table & 15))
         return VR_BROKEN_INDIRECT;
     n = d->len / 16;
     for (uint32_t k = 0; k < n; k++) {
@@ -361,12 +363,10 @@ static void vr_packed_flush(struct vr_qp *qp, struct vr_vq *vq)
     vq->signalled_valid = true;
     vq->used_since_signal = 0;
 
-    if (!need) {
+    if (!need)
         vq->stats.calls_suppressed++;
-    } else if (vq->call_fd >= 0) {
-        vr_efd_signal(vq->call_fd);
-        vq->stats.calls++;
-    }
+    else
+        vr_vq_call(qp, vq);
 }
 
 static inline void vr_set_device_event(struct vr_vq *vq, uint16_t flags)

@@ -18,7 +18,7 @@
  *    multiple of 16 and at most num entries; no NEXT on the indirect descriptor,
  *    no INDIRECT inside a table (no nesting); the table must be contiguous in one
  *    region (we index it as an array), so one crossing a region boundary is
- *    rejected.
+ *    rejected, and 16-byte aligned like the descriptor table.
  *  - readable descriptors come before writable ones (§2.6.4.2).
  *  - buffer ranges go through vr_gather(): a range crossing regions is split into
  *    one iovec per region (guests lay out RAM in several regions and Linux places
@@ -171,7 +171,10 @@ static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, u
                 why = VR_BROKEN_ADDR;
                 goto bad;
             }
-            if (l < d.len)              /* table must be contiguous in one region */
+            /* The table must be contiguous in one region (we index it as an
+             * array) and 16-byte aligned like the descriptor table (§2.6.5):
+             * a misaligned one would make every descriptor load misaligned. */
+            if (l < d.len || ((uintptr_t)p & 15))
                 goto bad;
             table = p;
             table_size = budget = d.len / 16;
@@ -263,12 +266,10 @@ static void vr_split_flush(struct vr_qp *qp, struct vr_vq *vq)
         need = !(vr_ld16(&vq->avail->flags) & VRING_AVAIL_F_NO_INTERRUPT);
     }
 
-    if (!need) {
+    if (!need)
         vq->stats.calls_suppressed++;
-    } else if (vq->call_fd >= 0) {
-        vr_efd_signal(vq->call_fd);
-        vq->stats.calls++;
-    }
+    else
+        vr_vq_call(qp, vq);
 }
 
 /* Ask the guest not to kick while we are draining (§2.6.10). */

@@ -21,30 +21,6 @@
 
 #include "vr_internal.h"
 
-/* --------------------------------------------------- shared by both ring kinds */
-
-void vr_efd_signal(int fd)
-{
-    uint64_t one = 1;
-
-    if (fd >= 0) {
-        ssize_t r = write(fd, &one, sizeof(one));
-        (void)r;    /* EAGAIN: the counter is already nonzero, the reader will wake */
-    }
-}
-
-void vr_vq_set_broken(struct vr_qp *qp, struct vr_vq *vq, uint32_t why, uint32_t detail)
-{
-    if (vq->stats.broken)
-        return;
-    vq->stats.broken_detail = detail;
-    vq->stats.drop_bad_desc++;
-    /* release: the detail is visible before the reason the control plane polls. */
-    __atomic_store_n(&vq->stats.broken, why, __ATOMIC_RELEASE);
-    vr_efd_signal(vq->err_fd);
-    vr_efd_signal(qp->event_fd);
-}
-
 /* ------------------------------------------------------------ epoll set sync */
 
 static void vr_watch_kick(struct vr_qp *qp, int which)
@@ -93,13 +69,25 @@ static bool vr_rx_wants_tap(const struct vr_qp *qp)
 
 /* ------------------------------------------------------------------- worker */
 
+/*
+ * Consumes a kick epoll reported. The fd is O_NONBLOCK (set by the control
+ * plane), but the frontend shares its file description: if it made it blocking
+ * again and drained the counter between epoll and this read, the read sleeps
+ * until the control plane's nudge (EINTR), and the vq stops.
+ */
 static void vr_drain_kick(struct vr_qp *qp, int which)
 {
     uint64_t v;
     int fd = qp->kick_watched[which];
+    ssize_t r;
 
-    if (fd >= 0 && read(fd, &v, sizeof(v)) == (ssize_t)sizeof(v))
+    if (fd < 0)
+        return;
+    r = read(fd, &v, sizeof(v));
+    if (r == (ssize_t)sizeof(v))
         qp->vq[which].stats.kicks++;
+    else if (r < 0 && errno == EINTR)
+        vr_vq_set_broken(qp, &qp->vq[which], VR_BROKEN_NOTIFY, VR_NOTIFY_KICK);
 }
 
 /* Parks while paused. Returns true if the worker was parked (state may have changed). */
@@ -135,7 +123,7 @@ static bool vr_handle_control(struct vr_qp *qp, bool *stop)
  */
 static __thread sigjmp_buf *vr_fault_jmp;
 static struct sigaction vr_prev_bus;
-pthread_once_t vr_bus_once = PTHREAD_ONCE_INIT;
+pthread_once_t vr_signals_once = PTHREAD_ONCE_INIT;
 
 static void vr_on_sigbus(int sig, siginfo_t *si, void *uc)
 {
@@ -154,7 +142,13 @@ static void vr_on_sigbus(int sig, siginfo_t *si, void *uc)
     raise(SIGBUS);
 }
 
-void vr_install_bus_handler(void)
+/* VR_SIG_NUDGE: delivery itself is the point (a sleeping syscall returns EINTR). */
+static void vr_on_nudge(int sig)
+{
+    (void)sig;
+}
+
+void vr_install_signals(void)
 {
     struct sigaction sa;
 
@@ -164,12 +158,23 @@ void vr_install_bus_handler(void)
     sa.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGBUS, &sa, &vr_prev_bus);
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = vr_on_nudge;
+    sa.sa_flags = 0;                    /* no SA_RESTART: the interrupted syscall fails */
+    sigemptyset(&sa.sa_mask);
+    sigaction(VR_SIG_NUDGE, &sa, NULL);
 }
 
 /*
  * One round of bounded bursts, alternating so neither direction starves the other.
  * Guest memory is touched only in here: a SIGBUS lands back at the sigsetjmp
- * (nothing local changes after it), and both vqs of the pair stop.
+ * (nothing local changes after it), and both vqs of the pair stop. The burst it
+ * interrupted may hold work that points into the lost memory: RX chains popped
+ * for a frame (the stash) and TX requests prepared for io_uring but not yet
+ * submitted. Both are dropped here, before anything else runs: submitted later
+ * (or read into) they would write the lost guest's frames, or whatever the
+ * daemon maps at those addresses next, to the TAP or into a later guest.
  */
 static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
 {
@@ -177,6 +182,8 @@ static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
 
     if (sigsetjmp(fault, 0)) {
         vr_fault_jmp = NULL;
+        vr_rx_stash_forget(qp);
+        vr_uring_discard(&qp->ring);
         vr_vq_set_broken(qp, &qp->vq[VR_RX], VR_BROKEN_MEMORY, 0);
         vr_vq_set_broken(qp, &qp->vq[VR_TX], VR_BROKEN_MEMORY, 0);
         vr_watch_tap(qp, false);
@@ -276,15 +283,26 @@ void *vr_worker(void *arg)
     sigset_t bus;
 
     /* Workers start with every signal blocked; a synchronous SIGBUS while blocked
-     * would kill the process, so this one is let through to vr_on_sigbus. */
+     * would kill the process, so this one is let through to vr_on_sigbus, and
+     * the control plane's nudge to vr_on_nudge. */
     sigemptyset(&bus);
     sigaddset(&bus, SIGBUS);
+    sigaddset(&bus, VR_SIG_NUDGE);
     pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
     vr_io_init(qp);
 
     while (!stop) {
         bool polling = false;
+        uint32_t stall;
         int n;
+
+        stall = __atomic_exchange_n(&qp->test_stall_ms, 0, __ATOMIC_ACQ_REL);
+        if (stall) {                    /* vr_qp_test_stall(): a worker that will not park */
+            uint64_t until = vr_now_ns() + (uint64_t)stall * 1000000u;
+
+            while (vr_now_ns() < until)
+                ;
+        }
 
         /*
          * Busy poll (busy_poll_us > 0): after a burst that moved frames, keep

@@ -82,12 +82,31 @@ class Dev:
 
     def __init__(self, features: int = F_V1, hdr_len: int = 12, num: int = NUM,
                  mem: GuestMemory | None = None, ring_region: int | None = None,
-                 tx_enabled: bool = True, rx_enabled: bool = True):
-        self.mem = mem if mem is not None else GuestMemory(8 << 20)
+                 tx_enabled: bool = True, rx_enabled: bool = True, rings=None):
+        self.features = features
         self.hdr_len = hdr_len
         self.num = num
         self.cmem = ffi.new("struct vr_mem *")
         self.maps = []
+        self.mem = None
+        self.tap, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.tap.setblocking(False)
+        self.peer.settimeout(5)
+        self.qp = lib.vr_qp_new(self.cmem, self.tap.fileno())
+        assert self.qp != ffi.NULL
+        self.kick_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
+        self.call_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
+        self.err_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
+        with self.paused(settle=True):
+            self._attach(mem, ring_region, tx_enabled, rx_enabled, rings)
+
+    def _attach(self, mem, ring_region, tx_enabled, rx_enabled, rings) -> None:
+        """Maps `mem` (a fresh 8 MiB one if None) into the C region table and
+        configures both rings over it, as the control plane does for a frontend
+        (SET_MEM_TABLE, SET_FEATURES, SET_VRING_*). Caller holds the pause.
+        rings: a function (mem, which) -> ring to lay the rings out itself."""
+        features = self.features
+        self.mem = mem if mem is not None else GuestMemory(8 << 20)
         regs = list(self.mem.regions())
         for i, (gpa, size, uva, off, fd) in enumerate(regs):
             a = ffi.new("uint64_t *")
@@ -97,36 +116,48 @@ class Dev:
             r.gpa, r.uva, r.size, r.hva = gpa, uva, size, a[0] + off
         self.cmem.nregions = len(regs)
         assert lib.vr_mem_validate(self.cmem) == 0
-        self.tap, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.tap.setblocking(False)
-        self.peer.settimeout(5)
-        self.qp = lib.vr_qp_new(self.cmem, self.tap.fileno())
-        assert self.qp != ffi.NULL
         ev = bool(features & F_EVENT_IDX)
         ring_cls = PackedRing if features & F_PACKED else SplitRing
-        self.rx = ring_cls(self.mem, num, event_idx=ev, region=ring_region)
-        self.tx = ring_cls(self.mem, num, event_idx=ev, region=ring_region)
+        if rings is None:
+            self.rx = ring_cls(self.mem, self.num, event_idx=ev, region=ring_region)
+            self.tx = ring_cls(self.mem, self.num, event_idx=ev, region=ring_region)
+        else:
+            self.rx, self.tx = rings(self.mem, lib.VR_RX), rings(self.mem, lib.VR_TX)
         self.rings = {lib.VR_RX: self.rx, lib.VR_TX: self.tx}
-        self.kick_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
-        self.call_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
-        self.err_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
+        assert lib.vr_qp_set_features(self.qp, features, self.hdr_len) == 0
+        for w, ring in self.rings.items():
+            ring.kick_fd, ring.call_fd = self.kick_fd[w], self.call_fd[w]
+            assert lib.vr_qp_set_num(self.qp, w, self.num) == 0
+            assert lib.vr_qp_set_addr(self.qp, w, ring.desc_uva, ring.avail_uva,
+                                      ring.used_uva) == 0
+            # packed: avail slot 0 with wrap counter 1 (as DPDK virtio-user sends it)
+            base = 0x8000 if features & F_PACKED else 0
+            assert lib.vr_qp_set_base(self.qp, w, base) == 0
+            assert lib.vr_qp_set_kick(self.qp, w, self.kick_fd[w]) == 0
+            assert lib.vr_qp_set_call(self.qp, w, self.call_fd[w]) == 0
+            assert lib.vr_qp_set_err(self.qp, w, self.err_fd[w]) == 0
+            assert lib.vr_qp_set_started(self.qp, w, 1) == 0
+        assert lib.vr_qp_set_enabled(self.qp, lib.VR_TX, int(tx_enabled)) == 0
+        assert lib.vr_qp_set_enabled(self.qp, lib.VR_RX, int(rx_enabled)) == 0
+        assert lib.vr_qp_map(self.qp) == 0
+
+    def _detach(self) -> None:
+        """The frontend goes: both vqs reset, its memory unmapped (caller holds the pause)."""
+        for w in (lib.VR_RX, lib.VR_TX):
+            assert lib.vr_qp_reset_vq(self.qp, w) == 0
+        self.cmem.nregions = 0
+        for a, n in self.maps:
+            lib.vr_munmap(a, n)
+        self.maps = []
+        self.mem.close()
+
+    def reconnect(self, mem: GuestMemory | None = None, ring_region: int | None = None, rings=None) -> None:
+        """A second frontend on the same queue pair, as the daemon keeps one queue
+        pair per port across frontends: the first one's memory is unmapped and the
+        new memory (usually mapped where the old one was) and rings set up."""
         with self.paused(settle=True):
-            assert lib.vr_qp_set_features(self.qp, features, hdr_len) == 0
-            for w, ring in self.rings.items():
-                ring.kick_fd, ring.call_fd = self.kick_fd[w], self.call_fd[w]
-                assert lib.vr_qp_set_num(self.qp, w, num) == 0
-                assert lib.vr_qp_set_addr(self.qp, w, ring.desc_uva, ring.avail_uva,
-                                          ring.used_uva) == 0
-                # packed: avail slot 0 with wrap counter 1 (as DPDK virtio-user sends it)
-                base = 0x8000 if features & F_PACKED else 0
-                assert lib.vr_qp_set_base(self.qp, w, base) == 0
-                assert lib.vr_qp_set_kick(self.qp, w, self.kick_fd[w]) == 0
-                assert lib.vr_qp_set_call(self.qp, w, self.call_fd[w]) == 0
-                assert lib.vr_qp_set_err(self.qp, w, self.err_fd[w]) == 0
-                assert lib.vr_qp_set_started(self.qp, w, 1) == 0
-            assert lib.vr_qp_set_enabled(self.qp, lib.VR_TX, int(tx_enabled)) == 0
-            assert lib.vr_qp_set_enabled(self.qp, lib.VR_RX, int(rx_enabled)) == 0
-            assert lib.vr_qp_map(self.qp) == 0
+            self._detach()
+            self._attach(mem, ring_region, True, True, rings)
 
     @contextlib.contextmanager
     def paused(self, settle: bool = False):
@@ -175,7 +206,7 @@ class Dev:
         return not r
 
     def close(self):
-        lib.vr_qp_free(self.qp)
+        assert lib.vr_qp_free(self.qp) == 0
         self.qp = None
         for d in (self.kick_fd, self.call_fd, self.err_fd):
             for fd in d.values():

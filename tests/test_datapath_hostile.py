@@ -130,6 +130,18 @@ def h_indirect_table_unmapped(d, r):
     return lib.VR_BROKEN_ADDR
 
 
+def h_indirect_misaligned(d, r):
+    """A table at an 8-byte (not 16-byte) aligned address: every descriptor load
+    from it would be misaligned (undefined behaviour in C)."""
+    b = r.alloc_buf(64)
+    t = r.alloc_buf(64) + 8
+    d.mem.write(t, struct.pack("<QIHH", b, 64, 0, 0))
+    [i] = r.reserve_desc(1)
+    r.write_desc(i, t, 16, VRING_DESC_F_INDIRECT, 0)
+    r.push_avail(i)
+    return lib.VR_BROKEN_INDIRECT
+
+
 def h_tx_writable(d, r):
     r.add_chain([net_hdr() + eth_frame(60)], [64])
     return lib.VR_BROKEN_DESC
@@ -139,7 +151,7 @@ HOSTILE = [h_next_out_of_range, h_loop2, h_loop1, h_head_out_of_range, h_buffer_
            h_buffer_wraps, h_buffer_runs_off_the_end, h_avail_idx_jump, h_indirect_nested,
            h_indirect_len_24, h_indirect_len_0, h_indirect_too_big, h_indirect_plus_next,
            h_indirect_loop, h_indirect_next_out_of_table, h_indirect_table_unmapped,
-           h_tx_writable]
+           h_indirect_misaligned, h_tx_writable]
 
 
 def _check_broken(d, w, want):

@@ -291,6 +291,13 @@ def h_indirect_table_unmapped(d, r):
     return lib.VR_BROKEN_ADDR
 
 
+def h_indirect_misaligned(d, r):
+    t = _buf(r, 64) + 8                 # 8-byte, not 16-byte aligned
+    r.mem.write(t, struct.pack("<QIHH", _buf(r), 64, 0, 0))
+    r.post_raw([(t, 16, VRING_DESC_F_INDIRECT)])
+    return lib.VR_BROKEN_INDIRECT
+
+
 def h_tx_writable(d, r):
     r.add_chain([net_hdr() + eth_frame(60)], [64])
     return lib.VR_BROKEN_DESC
@@ -298,7 +305,7 @@ def h_tx_writable(d, r):
 
 HOSTILE = [h_chain_longer_than_ring, h_buffer_unmapped, h_buffer_wraps, h_indirect_nested,
            h_indirect_len_24, h_indirect_len_0, h_indirect_too_big, h_indirect_plus_next,
-           h_indirect_inside_chain, h_indirect_table_unmapped, h_tx_writable]
+           h_indirect_inside_chain, h_indirect_table_unmapped, h_indirect_misaligned, h_tx_writable]
 
 
 @pytest.mark.parametrize("hostile", HOSTILE, ids=lambda f: f.__name__[2:])

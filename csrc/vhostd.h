@@ -304,6 +304,11 @@ void vr_set_pause_timeout(unsigned ms);
  * its next pass: a worker that will not park. Callable any time. */
 int vr_qp_test_stall(struct vr_qp *qp, unsigned ms);
 
+/* One round of bursts (TX then RX) on the calling thread, exactly as the worker
+ * runs them, SIGBUS recovery included. Paused only. Bit 0: TX has more work,
+ * bit 1: RX has. */
+int vr_qp_test_burst(struct vr_qp *qp);
+
 /* What the worker holds between bursts that it must never hold while parked:
  * RX chains popped but not used (the stash) plus TX requests prepared for
  * io_uring but not submitted. 0 for a healthy parked queue pair. Paused only. */

@@ -394,13 +394,15 @@ extern const struct vr_ring_ops vr_packed_ops;
 
 /*
  * Signals eventfd `fd` (a call or err fd, or our own event fd); -1 is no fd.
- * The control plane sets the frontend's fds O_NONBLOCK when it installs them,
- * and then a full counter answers EAGAIN: the reader has a wake-up pending
- * anyway, so nothing is lost. But the frontend shares the open file
- * description and may clear O_NONBLOCK again: then a write to a saturated
- * counter sleeps, and only the control plane's nudge (vr_qp_pause sends the
- * worker VR_SIG_NUDGE) ends it, with EINTR. false in that case: the fd is
- * hostile and its vq must stop (VR_BROKEN_NOTIFY).
+ * The frontend's fds are used in the mode it chose (the O_NONBLOCK flag lives
+ * on the file description it shares; changing it would change its own reads).
+ * Non-blocking, a full counter answers EAGAIN: the reader has a wake-up
+ * pending anyway, so nothing is lost. Blocking, a write to a full counter
+ * (0xfffffffffffffffe, which only a hostile frontend reaches) sleeps, and only
+ * the control plane's nudge (vr_qp_pause sends the worker VR_SIG_NUDGE) ends
+ * it, with EINTR. false in that case: the fd is hostile and its vq must stop
+ * (VR_BROKEN_NOTIFY). Until the next pause only this frontend's own queue
+ * pair waits.
  */
 static inline bool vr_efd_signal(int fd)
 {

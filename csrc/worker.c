@@ -70,10 +70,9 @@ static bool vr_rx_wants_tap(const struct vr_qp *qp)
 /* ------------------------------------------------------------------- worker */
 
 /*
- * Consumes a kick epoll reported. The fd is O_NONBLOCK (set by the control
- * plane), but the frontend shares its file description: if it made it blocking
- * again and drained the counter between epoll and this read, the read sleeps
- * until the control plane's nudge (EINTR), and the vq stops.
+ * Consumes a kick epoll reported. If the frontend's kick fd is blocking and the
+ * frontend drained the counter itself between epoll and this read, the read
+ * sleeps until the control plane's nudge (EINTR), and the vq stops.
  */
 static void vr_drain_kick(struct vr_qp *qp, int which)
 {
@@ -200,6 +199,23 @@ static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
         vr_watch_tap(qp, s == VR_RX_MORE || s == VR_RX_TAP_EMPTY);
     }
     vr_fault_jmp = NULL;
+}
+
+/* Test-only (vhostd.h): one round of bursts on the calling thread, as the worker
+ * runs them, SIGBUS recovery included. */
+int vr_qp_test_burst(struct vr_qp *qp)
+{
+    bool tx = true, rx = true, paused;
+
+    if (!qp)
+        return -EINVAL;
+    pthread_mutex_lock(&qp->lock);
+    paused = qp->pause_req > 0 && qp->parked;
+    pthread_mutex_unlock(&qp->lock);
+    if (!paused)
+        return -EBUSY;
+    vr_bursts(qp, &tx, &rx);
+    return (tx ? 1 : 0) | (rx ? 2 : 0);
 }
 
 /* ---------------------------------------------------------- TAP I/O mode */

@@ -2,8 +2,8 @@
 
 Each input is a byte stream a frontend writes into the vhost-user socket, cut
 into sendmsg() calls that carry fds the harness makes (memfds of several
-sizes, eventfds, pipes, sockets, /dev/null, repeats of one fd as QEMU does for
-regions sharing a memfd). It travels the daemon's own path: a real AF_UNIX
+sizes, eventfds (blocking or not, counters empty, pending or saturated), pipes,
+sockets, /dev/null, repeats of one fd as QEMU does for regions sharing a memfd). It travels the daemon's own path: a real AF_UNIX
 socketpair, Connection.recv_message (recvmsg + SCM_RIGHTS, framing,
 protocol.Header), then dispatch.dispatch -> Session handlers -> net.py /
 memory.py -> the C datapath, against one NetDevice on a real TAP in a network
@@ -130,7 +130,15 @@ def make_fd(spec: int, previous: int | None) -> int:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         return fd
     if kind == 2:
-        return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Blocking and/or saturated eventfds too: what a hostile frontend hands
+        # over to make the worker sleep in a call/err write (vr_efd_signal).
+        blocking = spec & seedfmt.EVENTFD_BLOCKING
+        fd = os.eventfd(0, os.EFD_CLOEXEC | (0 if blocking else os.EFD_NONBLOCK))
+        if spec & seedfmt.EVENTFD_SATURATED:
+            os.eventfd_write(fd, seedfmt.EVENTFD_MAX)
+        elif spec & seedfmt.EVENTFD_PENDING:
+            os.eventfd_write(fd, 1)
+        return fd
     if kind == 3:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.close(w)

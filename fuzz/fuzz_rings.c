@@ -18,13 +18,21 @@
  * onwards (at most R0 + R1). fuzz/make_ring_seeds.py writes seeds in this format
  * from rings the tests' guest drivers (tests/driver) build.
  *
- * One input: a fresh queue pair (vr_qp_new), configured through the public
- * vr_qp_* API while paused as the control plane does; then, still paused (the
- * worker is parked and touches nothing), `rounds` rounds of the burst functions
- * the worker loop calls (vr_tx_process / vr_rx_process), with RX frames queued
- * on a socketpair standing in for the TAP (the stand-in the unit tests use) and
- * TX frames drained from it. Work per input is bounded: VR_BURST chains per
- * call, chain walks bounded by the queue size, at most 4 rounds.
+ * One input is one frontend on the fuzzer's one queue pair, which lives for the
+ * whole run as a port's does in the daemon across frontends: both vqs reset
+ * (vr_qp_reset_vq, a new frontend), configured through the public vr_qp_* API
+ * while paused as the control plane does; then, still paused (the worker is
+ * parked and touches nothing), `rounds` rounds of the bursts the worker loop
+ * runs (vr_qp_test_burst: TX then RX, SIGBUS recovery included), with RX frames
+ * queued on a socketpair standing in for the TAP (the stand-in the unit tests
+ * use) and TX frames drained from it. Work per input is bounded: VR_BURST
+ * chains per call, chain walks bounded by the queue size, at most 4 rounds.
+ *
+ * With FZ_TRUNCATE (bit 6 of cfg.rounds) the frontend shrinks region R1's
+ * memfd to nothing once the rings are set up, before the first round (or the
+ * worker phase): whatever a burst touches there faults in the middle of it
+ * (SIGBUS), and the queue pair must come out with both vqs broken and nothing
+ * left in flight. R1 is restored for the next input, the next frontend.
  *
  * With FZ_WORKER (bit 7 of cfg.rounds) the input then goes on through the
  * worker thread as in the daemon: resume, kick both rings, wait for the
@@ -35,7 +43,9 @@
  * Beyond the sanitizers, each round checks the invariant every parked ring
  * must satisfy: everything popped was pushed (and published) or given back, so
  * processing leaves the distance between the avail and used positions as
- * SET_VRING_BASE set it, and the RX stash is empty.
+ * SET_VRING_BASE set it (not after a memory fault, which leaves the ring broken
+ * mid-burst), and nothing is in flight: no RX chain stashed, no io_uring
+ * request prepared but not submitted (vr_qp_inflight), broken queue or not.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -60,6 +70,7 @@
 #define IMAGE_MAX (2 * R01_SIZE)
 #define MAX_ROUNDS 4
 #define FZ_WORKER 0x80                 /* cfg.rounds: then run the worker thread once */
+#define FZ_TRUNCATE 0x40               /* cfg.rounds: the frontend shrinks R1 mid-input */
 #define WORKER_WAIT_MS 2
 
 /* Feature selection (cfg.features bits) -> virtio bits */
@@ -96,6 +107,8 @@ struct __attribute__((packed)) fuzz_cfg {
 
 static struct vr_mem mem;
 static uint8_t *r01, *r2;              /* our views of the regions */
+static int r1_fd = -1;                 /* R1's memfd: FZ_TRUNCATE shrinks it */
+static struct vr_qp *qp;               /* the one queue pair, across inputs (frontends) */
 static int tap_fd = -1, peer_fd = -1;
 static int efd[2][3];                  /* kick, call, err per vq */
 static bool verbose;                   /* FUZZ_RINGS_VERBOSE=1: counters per input (seed debugging) */
@@ -106,7 +119,7 @@ static void die(const char *what)
     abort();
 }
 
-static uint8_t *map_region(uint64_t size, int idx, uint64_t gpa)
+static uint8_t *map_region(uint64_t size, int idx, uint64_t gpa, int *keep_fd)
 {
     int fd = memfd_create("fuzz-guest", MFD_CLOEXEC);
     void *p;
@@ -116,7 +129,10 @@ static uint8_t *map_region(uint64_t size, int idx, uint64_t gpa)
     p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED)
         die("mmap");
-    close(fd);
+    if (keep_fd)
+        *keep_fd = fd;
+    else
+        close(fd);
     mem.regions[idx].gpa = gpa;
     mem.regions[idx].uva = UVA_BASE + gpa;
     mem.regions[idx].size = size;
@@ -133,10 +149,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argv;
     verbose = getenv("FUZZ_RINGS_VERBOSE") != NULL;
     /* R0 and R1: one mapping each, so that gpa-adjacent bytes are not adjacent here. */
-    r01 = map_region(R01_SIZE, 0, R0_GPA);
-    if (map_region(R01_SIZE, 1, R1_GPA) == NULL)
+    r01 = map_region(R01_SIZE, 0, R0_GPA, NULL);
+    if (map_region(R01_SIZE, 1, R1_GPA, &r1_fd) == NULL)
         abort();
-    r2 = map_region(R2_SIZE, 2, R2_GPA);
+    r2 = map_region(R2_SIZE, 2, R2_GPA, NULL);
     mem.nregions = 3;
     if (vr_mem_validate(&mem) != 0)
         die("vr_mem_validate");
@@ -152,7 +168,25 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         for (int k = 0; k < 3; k++)
             if ((efd[w][k] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
                 die("eventfd");
+    qp = vr_qp_new(&mem, tap_fd);
+    if (!qp)
+        die("vr_qp_new");
+    if (vr_qp_pause(qp) != 0)           /* parked between inputs, as between frontends */
+        abort();
     return 0;
+}
+
+/* The frontend shrinks R1 (FZ_TRUNCATE) / the next one brings it back, empty. */
+static void shrink_r1(void)
+{
+    if (ftruncate(r1_fd, 0) < 0)
+        die("ftruncate R1");
+}
+
+static void restore_r1(void)
+{
+    if (ftruncate(r1_fd, (off_t)R01_SIZE) < 0)
+        die("ftruncate R1 back");
 }
 
 static uint8_t *gpa_view(uint64_t gpa)
@@ -266,12 +300,24 @@ static void note_parked(struct vr_qp *qp)
 
 static void check_parked(struct vr_qp *qp)
 {
+    int inflight = vr_qp_inflight(qp);
+
+    /* Broken or not (a fault cuts a burst short): nothing popped for a frame or
+     * prepared for the TAP may outlive the burst. */
+    if (inflight != 0 || qp->stash_count || qp->stash_first || qp->stash_iov_end || qp->stash_bytes ||
+        qp->ring.pending) {
+        fprintf(stderr, "in flight while parked: %d (stash %u, io_uring %u)\n", inflight, qp->stash_count,
+                qp->ring.pending);
+        abort();
+    }
     for (int w = 0; w < 2; w++) {
         const struct vr_vq *vq = &qp->vq[w];
         uint32_t base;
 
         if (!vq->mapped)
             continue;
+        if (vq->stats.broken == VR_BROKEN_MEMORY)
+            continue;                   /* stopped mid-burst: positions are what they were */
         if (used_minus_avail(vq) != distance[w] || vq->used_pending ||
             (vq->ops == &vr_split_ops && vq->published_used_idx != vq->used_idx) ||
             (vq->ops == &vr_packed_ops && (vq->last_avail_idx >= vq->num || vq->used_idx >= vq->num))) {
@@ -283,10 +329,6 @@ static void check_parked(struct vr_qp *qp)
         }
         if (vr_qp_get_base(qp, w, &base) != 0)
             abort();
-    }
-    if (qp->stash_count || qp->stash_first || qp->stash_iov_end || qp->stash_bytes) {
-        fprintf(stderr, "RX stash not empty while parked\n");
-        abort();
     }
 }
 
@@ -305,12 +347,24 @@ static void queue_frames(const struct fuzz_cfg *cfg)
     }
 }
 
+/* Synchronous rounds run on this thread: io_uring requests from here fail
+ * (SINGLE_ISSUER) and take the plain fallback, which the worker would then keep
+ * for good. Each round restores the mode for the worker phase. */
+static void burst_here(struct vr_qp *qp)
+{
+    int mode = qp->io_mode;
+
+    if (vr_qp_test_burst(qp) < 0)
+        abort();
+    qp->io_mode = mode;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct fuzz_cfg cfg;
-    struct vr_qp *qp;
     uint32_t hdr;
     unsigned rounds;
+    bool truncate, shrunk = false;
 
     if (size < sizeof(cfg))
         return 0;
@@ -325,26 +379,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     drain(peer_fd);
     drain_efds();
 
-    qp = vr_qp_new(&mem, tap_fd);
-    if (!qp)
-        die("vr_qp_new");
-    if (vr_qp_pause(qp) != 0)
-        abort();
+    /* A new frontend on the queue pair the previous one may have broken. */
+    for (int w = 0; w < 2; w++)
+        vr_qp_reset_vq(qp, w);
+    check_parked(qp);
     hdr = (cfg.ctl & FZ_HDR10) && !(cfg.features & FZ_MRG) ? 10 : 12;
     vr_qp_set_features(qp, virtio_features(cfg.features), hdr);
-    vr_qp_set_mtu(qp, cfg.mtu);
+    vr_qp_set_mtu(qp, 1500);            /* no state from the previous input: */
+    vr_qp_set_mtu(qp, cfg.mtu);         /* an invalid MTU leaves the default */
     for (int w = 0; w < 2; w++)
         setup_vq(qp, &cfg, w);
     vr_qp_map(qp);
     note_parked(qp);
 
     /* With FZ_WORKER 0..3 synchronous rounds come first, else 1..4. */
-    rounds = (cfg.rounds & FZ_WORKER) ? (cfg.rounds & ~FZ_WORKER) % MAX_ROUNDS : 1 + cfg.rounds % MAX_ROUNDS;
+    rounds = (cfg.rounds & FZ_WORKER) ? (cfg.rounds & 0x3f) % MAX_ROUNDS : 1 + (cfg.rounds & 0x3f) % MAX_ROUNDS;
+    truncate = cfg.rounds & FZ_TRUNCATE;
     for (unsigned r = 0; r < rounds; r++) {
+        if (truncate && r == 0) {
+            shrink_r1();
+            shrunk = true;
+        }
         queue_frames(&cfg);
-        vr_tx_process(qp);
-        check_parked(qp);
-        vr_rx_process(qp);
+        burst_here(qp);
         check_parked(qp);
         drain(peer_fd);
         if (r + 1 < rounds && (cfg.ctl & FZ_REBASE)) {
@@ -378,6 +435,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         struct pollfd pfd[4];
         uint64_t one = 1;
 
+        if (truncate && !shrunk) {
+            shrink_r1();
+            shrunk = true;
+        }
         queue_frames(&cfg);
         note_parked(qp);
         if (vr_qp_resume(qp) != 0)
@@ -403,8 +464,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     st->drop_tap_busy, st->drop_tap_error, st->drop_bad_desc, st->drop_bad_hdr,
                     st->drop_disabled, st->kicks, st->calls, st->calls_suppressed, st->broken, st->broken_detail);
         }
+    check_parked(qp);
     drain(tap_fd);
-    vr_qp_resume(qp);
-    vr_qp_free(qp);
+    if (shrunk)
+        restore_r1();
     return 0;
 }

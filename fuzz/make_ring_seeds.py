@@ -38,6 +38,7 @@ FZ_TX_ENABLED, FZ_RX_ENABLED, FZ_TX_STARTED, FZ_RX_STARTED, FZ_HDR10, FZ_NO_CALL
     1 << i for i in range(8))
 RUNNING = FZ_TX_ENABLED | FZ_RX_ENABLED | FZ_TX_STARTED | FZ_RX_STARTED
 FZ_WORKER = 0x80  # cfg.rounds: then through the worker thread
+FZ_TRUNCATE = 0x40  # cfg.rounds: R1 shrinks to nothing before the first round (or the worker phase)
 LAYOUT = [(0, 0x10000), (0x10000, 0x10000), (1 << 32, 0x1000)]
 IMAGE_MAX = 0x20000
 _DESC = struct.Struct("<QIHH")
@@ -66,14 +67,16 @@ class Seed:
             return ring.desc_gpa, ring.driver_gpa, ring.device_gpa
         return ring.desc_gpa, ring.avail_gpa, ring.used_gpa
 
-    def encode(self, features=0, ctl=RUNNING, rounds=1, frames=(), mtu=1500, base=None, worker=False) -> bytes:
+    def encode(self, features=0, ctl=RUNNING, rounds=1, frames=(), mtu=1500, base=None, worker=False,
+               truncate=False) -> bytes:
         rxp, txp = self.parts(self.rx), self.parts(self.tx)
         if base is None:
             base = 0x8000 if self.packed else 0     # packed: slot 0, wrap counter 1
         lens = (list(frames) + [0, 0, 0, 0])[:4]
         cfg = CFG.pack(self.features | features, ctl, self.rx.num, self.tx.num, base, base,
                        rxp[0], txp[0], rxp[1], txp[1], rxp[2], txp[2], mtu,
-                       (rounds - 1) | (FZ_WORKER if worker else 0), len(frames), *lens)
+                       (rounds - 1) | (FZ_WORKER if worker else 0) | (FZ_TRUNCATE if truncate else 0),
+                       len(frames), *lens)
         top = max(r.gpa + r._next for r in self.mem._regions[:2])
         image = self.mem.read(0, min(top, IMAGE_MAX)).rstrip(b"\0")
         self.mem.close()
@@ -211,6 +214,26 @@ def seeds():
     yield "split-rx-mrg-iov-exhausted", s.encode(features=FZ_MRG | FZ_CSUM | FZ_GUEST_GSO,
                                                  frames=[300, 4000, 100, 9000], rounds=2)
 
+
+    # The frontend shrinks R1 mid-input (tests/test_datapath_faults.py): a mergeable RX
+    # gather whose second chain's indirect table is in R1, and a TX burst whose second
+    # frame (copied) is in R1 behind a zero-copy one in R0, through the worker (io_uring).
+    for packed in (False, True):
+        s = Seed(packed=packed, num=8, indirect=True)
+        s.rx.add_in([1024], indirect=False)
+        s.rx.buf_region = 1
+        s.rx.add_in([64, 2048], indirect=True)
+        s.rx.publish()
+        yield f"{'packed' if packed else 'split'}-truncate-mrg-gather", s.encode(
+            features=FZ_MRG, frames=[1000, 1500], rounds=2, truncate=True)
+    for worker in (False, True):
+        s = Seed(num=8)
+        s.tx.add_out([tx_blob(1000, 20)])
+        s.tx.buf_region = 1
+        s.tx.add_out([tx_blob(100, 21)])
+        s.tx.publish()
+        yield f"split-truncate-tx-burst{'-worker' if worker else ''}", s.encode(
+            rounds=1 if worker else 2, worker=worker, truncate=True)
 
     # A packed chain of more than VR_MAX_IOV segments on each ring (one indirect table each)
     s = Seed(packed=True, num=520, indirect=True)

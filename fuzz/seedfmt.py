@@ -9,6 +9,9 @@ fd-spec byte, low 3 bits the kind:
     4 /dev/null (a character device)       5 a socket
     6 memfd of 0 bytes                     7 the previous fd of this chunk again
 Bits 3-6 of a memfd spec: size class, 4 KiB << class (4 KiB .. 128 MiB).
+Bits of an eventfd spec: 3 blocking (no EFD_NONBLOCK), 4 counter saturated
+(0xfffffffffffffffe: one more write blocks or fails), 5 counter 1 (a kick or
+call already pending).
 """
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ DEVNULL = 4
 SOCKET = 5
 MEMFD_EMPTY = 6
 SAME_AS_PREVIOUS = 7
+
+
+EVENTFD_BLOCKING = 1 << 3
+EVENTFD_SATURATED = 1 << 4
+EVENTFD_PENDING = 1 << 5
+EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE
 
 
 def memfd_size(spec: int) -> int:

@@ -72,7 +72,11 @@ def test_every_planned_point_has_positive_numbers(quick):
         roles = {"tx": {"gen"}, "gso": {"gen"}, "rx": {"sink", "src"}}[kind] if who != "raw" else \
             ({"src"} if kind == "rx" else set())
         for role in roles:
-            assert r["cpu_s_per_mpkt"][role] is not None and r["cpu_s_per_mpkt"][role] > 0, (role, r)
+            assert r["cpu_s_per_mpkt"][role] is not None, (role, r)
+            # vufront gso sleeps in read() between ~100 wake-ups a second: over a quick
+            # 1 s window it can stay under one clock tick (10 ms) of CPU, read as 0.
+            floor = 0 if (kind, role) == ("gso", "gen") else 1e-12
+            assert r["cpu_s_per_mpkt"][role] >= floor, (role, r)
 
 
 def test_summary_has_ratios_and_latency(quick):

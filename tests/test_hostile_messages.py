@@ -313,6 +313,20 @@ case("mem-offset-beyond-file", "region inside its file", C.SET_MEM_TABLE,
 case("mem-fd-not-a-file", "region fd is a file", C.SET_MEM_TABLE,
      msg(C.SET_MEM_TABLE, pack_mem_table([R1])), "nack", "not a regular file", fds=lambda: [eventfd()])
 
+
+def disk_file(size: int = MB) -> int:
+    """A regular file on the disk file system the repository lives on (not tmpfs or
+    hugetlbfs): guest memory there could make a worker or the loop wait on I/O."""
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="hm-disk-", dir=os.path.dirname(os.path.abspath(__file__)))
+    os.unlink(path)
+    os.ftruncate(fd, size)
+    return fd
+
+
+case("mem-fd-on-disk", "region file is memory (tmpfs/hugetlbfs)", C.SET_MEM_TABLE,
+     msg(C.SET_MEM_TABLE, pack_mem_table([R1])), "nack", "not guest memory", fds=lambda: [disk_file()])
+
 # --- vring addresses (session.py): inside mapped memory, aligned ---
 # prefix_mem: 4 MiB at gpa 0 / uva UVA, vring 0 of size 256 (desc 4 KiB, avail 518 B, used 2054 B).
 GOOD = dict(desc=UVA + 0x10000, avail=UVA + 0x11000, used=UVA + 0x12000)

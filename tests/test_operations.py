@@ -100,7 +100,7 @@ def config_daemon(tmp_path, netns, loop_kind):
 QUEUE_KEYS = {"queue_pair", "vring", "dir", "packets", "bytes", "drop_ring_full", "drop_tap_busy", "drop_tap_error",
               "drop_bad_desc", "drop_bad_hdr", "drop_disabled", "kicks", "calls", "calls_suppressed", "batch_hist",
               "broken"}
-PORT_KEYS = {"name", "socket", "mode", "tap", "netns", "queues", "connected", "connections", "uptime_s",
+PORT_KEYS = {"name", "state", "socket", "mode", "tap", "netns", "queues", "connected", "connections", "uptime_s",
              "connected_for_s"}
 
 

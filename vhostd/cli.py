@@ -82,6 +82,9 @@ def vhostd_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket-mode", metavar="OCTAL",
                    help="permissions of the sockets vhostd creates (default 0660)")
     p.add_argument("--config", metavar="FILE", help="TOML file of ports (see README); SIGHUP reloads it")
+    p.add_argument("--socket-dir", metavar="DIR", action="append", default=[],
+                   help="a directory where `vhostctl add-port` may create sockets, besides /run/vhostd, "
+                   "the control socket's and the configured ports' directories (repeatable)")
     p.add_argument("--control", metavar="PATH", default=None,
                    help=f"control socket for vhostctl (default {DEFAULT_CONTROL_PATH}; '' disables it)")
     p.add_argument("--control-mode", metavar="OCTAL",
@@ -178,6 +181,10 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
                                      **access))
         cfg = DaemonConfig(ports=[port], socket_defaults=access)
         apply_control_access(cfg)
+    for d in args.socket_dir:
+        if not os.path.isabs(d):
+            raise SetupError(f"--socket-dir {d!r} must be an absolute path")
+    cfg.socket_dirs = [*cfg.socket_dirs, *args.socket_dir]
     if args.control_mode is not None:
         cfg.control_mode = parse_mode(args.control_mode, "--control-mode")
     if args.metrics_listen:

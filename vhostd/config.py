@@ -2,6 +2,7 @@
 
     control = "/run/vhostd/control.sock"     # optional
     metrics_listen = "127.0.0.1:9712"         # optional Prometheus endpoint
+    socket_dirs = ["/run/vms"]                # optional: where add-port may create sockets
     socket_owner = "root"                     # optional: owner, group and mode of the
     socket_group = "kvm"                      #   sockets vhostd creates (vhost-user and
     socket_mode = "0660"                      #   control); default: ours, ours, 0660
@@ -38,6 +39,7 @@ from vhostd.errors import SetupError
 MAX_QUEUE_PAIRS = 16
 DEFAULT_SOCKET_MODE = 0o660
 MAX_BUSY_POLL_US = 1_000_000  # csrc/vhostd.h VR_MAX_BUSY_POLL_US
+RUNTIME_DIR = "/run/vhostd"
 DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
@@ -76,6 +78,9 @@ class DaemonConfig:
     metrics_listen: str | None = None
     # socket_uid/socket_gid/socket_mode for ports without their own (add-port too)
     socket_defaults: dict = field(default_factory=dict)
+    # directories (besides RUNTIME_DIR, the control socket's and the configured
+    # ports') where `vhostctl add-port` may have the daemon create sockets
+    socket_dirs: list[str] = field(default_factory=list)
 
 
 def parse_owner(value, what: str = "socket owner") -> int:
@@ -231,10 +236,14 @@ def load_config(path: str) -> DaemonConfig:
         raise SetupError(f"no permission to read config file {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SetupError(f"config file {path}: {exc}") from None
-    unknown = set(data) - {"port", "control", "metrics_listen", *_ACCESS_KEYS}
+    unknown = set(data) - {"port", "control", "metrics_listen", "socket_dirs", *_ACCESS_KEYS}
     if unknown:
         raise SetupError(f"config file {path}: unknown key {sorted(unknown)[0]!r}")
     cfg = DaemonConfig(control=data.get("control"), metrics_listen=data.get("metrics_listen"))
+    dirs = data.get("socket_dirs", [])
+    if not isinstance(dirs, list) or any(not isinstance(d, str) or not os.path.isabs(d) for d in dirs):
+        raise SetupError(f"config file {path}: socket_dirs must be a list of absolute directory paths")
+    cfg.socket_dirs = list(dirs)
     cfg.socket_defaults = socket_access(data, f"config file {path}")
     apply_control_access(cfg)
     ports = data.get("port", [])

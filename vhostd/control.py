@@ -22,6 +22,8 @@ log = logging.getLogger("vhostd.control")
 
 CONTROL_MODE = 0o660
 MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 64          # connections at once; vhostctl opens one per request
+IDLE_TIMEOUT_S = 10.0     # a connection that sends no complete request for this long is closed
 
 
 def port_stats(port) -> dict:
@@ -47,6 +49,7 @@ class ControlServer:
         self.uid = uid
         self.gid = gid
         self.server: asyncio.AbstractServer | None = None
+        self.active = 0
 
     async def start(self) -> None:
         from vhostd.port import bind_unix
@@ -70,8 +73,17 @@ class ControlServer:
                 pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: requests until EOF. Bounded like any socket a less trusted
+        peer reaches: MAX_CLIENTS at once (each holds an fd), IDLE_TIMEOUT_S without
+        a complete request closes it, MAX_REQUEST bytes per request."""
+        if self.active >= MAX_CLIENTS:
+            log.warning("control: %d connections open, refusing another", self.active)
+            writer.write(json.dumps({"ok": False, "error": "too many control connections"}).encode() + b"\n")
+            writer.close()
+            return
+        self.active += 1
         try:
-            while line := await reader.readline():
+            while line := await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S):
                 try:
                     req = json.loads(line)
                     if not isinstance(req, dict):
@@ -80,10 +92,12 @@ class ControlServer:
                 except (ValueError, TypeError) as exc:
                     reply = {"ok": False, "error": f"bad request: {exc}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
+                asyncio.TimeoutError):
             pass
         finally:
+            self.active -= 1
             writer.close()
 
     async def handle(self, req: dict) -> dict:
@@ -91,7 +105,7 @@ class ControlServer:
         ports = self.daemon.ports
         try:
             if cmd == "ports":
-                return {"ok": True, "ports": [p.describe() for p in ports.values()]}
+                return {"ok": True, "ports": [p.describe() for p in ports.values()] + self.daemon.describe_failed()}
             if cmd == "stats":
                 return {"ok": True, "stats": [port_stats(p) for p in _select(ports, req.get("port"))]}
             if cmd == "rings":
@@ -105,6 +119,7 @@ class ControlServer:
             if cmd == "add-port":
                 fields = {k: v for k, v in (req.get("port") or {}).items() if v is not None}
                 cfg = port_from_dict(fields, "add-port", self.daemon.config.socket_defaults)
+                self.daemon.check_socket_path(cfg.socket)
                 port = await self.daemon.add_port(cfg)
                 log.info("port %s added at run time", port.name)
                 return {"ok": True, "port": port.describe()}

@@ -68,8 +68,10 @@ def _si(v: float, unit: str = "") -> str:
 def print_ports(ports: list[dict]) -> None:
     print(f"{'PORT':<16} {'MODE':<7} {'STATE':<10} {'QUEUES':>6} {'UPTIME':>9}  SOCKET")
     for p in ports:
-        state = "connected" if p["connected"] else "waiting"
+        state = p.get("state") or ("connected" if p["connected"] else "waiting")
         print(f"{p['name']:<16} {p['mode']:<7} {state:<10} {p['queues']:>6} {p['uptime_s']:>8.0f}s  {p['socket']}")
+        if state == "failed":
+            print(f"{'':<16} {p.get('error', '')}")
         fe = p.get("frontend")
         if fe:
             print(f"{'':<16} frontend {fe['peer'] or '?'}: {' '.join(fe['feature_names'])}; "
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "add-port":
             fields = {k: getattr(args, k) for k in ("socket", "tap", "name", "netns", "mac", "mtu", "queues", "client",
                                                  "remove_tap")}
+            fields["socket"] = os.path.abspath(args.socket)  # relative to the caller, not to the daemon
             port = control_request(path, {"cmd": "add-port", "port": fields}, timeout=30)["port"]
             print(f"port {port['name']} added ({port['mode']} on {port['socket']})")
         elif args.cmd == "del-port":

@@ -18,8 +18,9 @@ import signal
 import socket
 import time
 
-from vhostd.config import DaemonConfig, PortConfig, load_config
-from vhostd.errors import SetupError
+from vhostd.config import RUNTIME_DIR, DaemonConfig, PortConfig, load_config
+from vhostd.errors import SetupError, WorkerStuck
+from vhostd.net import reap_stuck
 from vhostd.port import Port
 
 log = logging.getLogger("vhostd")
@@ -59,11 +60,40 @@ class Daemon:
         self.config_path = config_path
         self.ports: dict[str, Port] = {}
         self.from_file: set[str] = set()  # names of ports the config file manages
+        self.failed: dict[str, tuple[PortConfig, str]] = {}  # failed ports (set-up, stuck worker): why
+        self.stuck_workers = 0  # ports failed because a worker did not park
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
 
     # --- ports ------------------------------------------------------------------------
+
+    def socket_dirs(self) -> list[str]:
+        """Where a control-socket client (`vhostctl add-port`) may have the daemon
+        create (and unlink a stale) socket: the runtime directory, the control
+        socket's directory, the directories of the ports the operator configured
+        (command line, config file) and the configured socket_dirs."""
+        dirs = {RUNTIME_DIR, *self.config.socket_dirs}
+        if self.config.control:
+            dirs.add(os.path.dirname(os.path.abspath(self.config.control)))
+        for cfg in self.config.ports:
+            if cfg.socket:
+                dirs.add(os.path.dirname(os.path.abspath(cfg.socket)))
+        return sorted(dirs)
+
+    def check_socket_path(self, path: str) -> None:
+        """add-port: the socket must be an absolute path inside socket_dirs() (its
+        directory resolved, so neither '..' nor a symlinked directory leads out)."""
+        if not os.path.isabs(path):
+            raise SetupError(f"socket path {path!r} is relative: give an absolute path")
+        parent = os.path.realpath(os.path.dirname(path))
+        for d in self.socket_dirs():
+            d = os.path.realpath(d)
+            if parent == d or parent.startswith(d.rstrip("/") + "/"):
+                return
+        raise SetupError(f"socket path {path} is outside the socket directories "
+                         f"({', '.join(self.socket_dirs())}): add its directory to socket_dirs "
+                         "(config file) or --socket-dir")
 
     async def add_port(self, cfg: PortConfig, from_file: bool = False) -> Port:
         if cfg.name in self.ports:
@@ -79,6 +109,7 @@ class Daemon:
         except BaseException:
             port.close()
             raise
+        self.failed.pop(cfg.name, None)
         self.ports[cfg.name] = port
         if from_file:
             self.from_file.add(cfg.name)
@@ -90,9 +121,16 @@ class Daemon:
             await port.serve()
         except asyncio.CancelledError:
             raise
+        except WorkerStuck as exc:
+            # One frontend's worker will not park: that port fails, nothing else.
+            self.stuck_workers += 1
+            port.log.error("%s: port failed, frontend dropped", exc)
+            await self.remove_port(port.name, from_task=True)
+            self.failed[port.name] = (port.config, str(exc))
         except Exception:
             port.log.exception("port failed; closing it")
             await self.remove_port(port.name, from_task=True)
+            self.failed[port.name] = (port.config, "internal error (see the log)")
 
     async def remove_port(self, name: str, from_task: bool = False, remove_tap: bool = True) -> None:
         """Closes a port. `remove_tap`: the port goes for good (stop, del-port, dropped
@@ -100,6 +138,10 @@ class Daemon:
         False when it is reopened at once (changed in the file) or failed."""
         port = self.ports.pop(name, None)
         if port is None:
+            if self.failed.pop(name, None) is not None:
+                self.from_file.discard(name)
+                log.info("port %s: failed port forgotten", name)
+                return
             raise SetupError(f"no port named {name!r}")
         self.from_file.discard(name)
         if port.task is not None and not from_task:
@@ -120,6 +162,7 @@ class Daemon:
             try:
                 new = load_config(self.config_path)
                 wanted = {p.name: p for p in new.ports}
+                self.config.ports, self.config.socket_dirs = new.ports, new.socket_dirs
                 removed = [n for n in self.from_file if n not in wanted or self.ports[n].config != wanted[n]]
                 added = [p for n, p in wanted.items() if n not in self.ports or n in removed]
                 clash = [p.name for p in added if p.name in self.ports and p.name not in self.from_file]
@@ -133,7 +176,11 @@ class Daemon:
                         await self.add_port(p, from_file=True)
                     except SetupError as exc:
                         log.error("port %s: %s", p.name, exc)
+                        self.failed[p.name] = (p, str(exc))
                         failed.append(p.name)
+                for n in list(self.failed):
+                    if n not in wanted and n not in self.ports:
+                        del self.failed[n]  # gone from the file: no longer failed
                 summary = (f"reloaded {self.config_path}: {len(added) - len(failed)} opened, "
                            f"{len(removed)} closed, {len(self.ports)} serving")
                 if failed:
@@ -142,6 +189,14 @@ class Daemon:
                 return summary
             finally:
                 sd_notify(f"READY=1\nSTATUS=serving {len(self.ports)} port(s)")
+
+    def describe_failed(self) -> list[dict]:
+        """`vhostctl ports` rows of the ports that failed, with the reason."""
+        return [{"name": name, "state": "failed", "error": why, "socket": cfg.socket or f"fd {cfg.fd}",
+                 "mode": "client" if cfg.client else "server", "tap": cfg.tap, "netns": cfg.netns,
+                 "queues": cfg.queues, "connected": False, "connections": 0, "uptime_s": 0.0,
+                 "connected_for_s": None}
+                for name, (cfg, why) in self.failed.items()]
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -169,6 +224,8 @@ class Daemon:
                 sd_notify("WATCHDOG=1")
             for port in list(self.ports.values()):
                 port.report_drops()
+            for line in reap_stuck():
+                log.warning("%s", line)
             await asyncio.sleep(tick)
 
     async def run(self) -> None:
@@ -190,6 +247,7 @@ class Daemon:
                     # With a config file one bad port (TAP busy, namespace not there yet)
                     # must not take every other VM's network down; SIGHUP retries it.
                     log.error("port %s: %s", cfg.name, exc)
+                    self.failed[cfg.name] = (cfg, str(exc))
                     failed.append(cfg.name)
             if self.config.control:
                 servers.append(ControlServer(self, self.config.control, self.config.control_mode,

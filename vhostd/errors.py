@@ -37,5 +37,10 @@ class NativeError(VhostError):
         self.errno = errno_
 
 
+class WorkerStuck(VhostError):
+    """A queue pair's worker did not park within the pause timeout: its port fails
+    (the frontend is dropped); the daemon and its other ports go on."""
+
+
 class ControlError(VhostError):
     """A vhostctl request failed (daemon not running, unknown port...)."""

@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 F_SEAL_SHRINK = 0x0002
 
+# File systems QEMU's shared guest memory lives on (statfs f_type, linux/magic.h):
+# memory-backend-memfd and /dev/shm files are tmpfs (shmem), hugepage memfds and
+# memory-backend-file on /dev/hugepages are hugetlbfs. Both are memory: access
+# never waits on a device or a server. A file on a disk, NFS or FUSE could make a
+# worker (page faults) or the event loop (pread) wait without bound.
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+GUEST_MEMORY_FS = {TMPFS_MAGIC: "tmpfs", HUGETLBFS_MAGIC: "hugetlbfs"}
+
 
 @dataclass
 class MappedRegion:
@@ -46,6 +55,7 @@ def _map(region: MemRegion, fd: OwnedFd) -> MappedRegion:
     length = region.size + region.mmap_offset
     if not stat.S_ISREG(st.st_mode):
         raise RequestError(f"memory region gpa {region.gpa:#x}: fd is not a regular file or memfd")
+    check_memory_fs(fd.fd, f"memory region gpa {region.gpa:#x}")
     if st.st_size < length:
         raise RequestError(
             f"memory region gpa {region.gpa:#x}: size {region.size:#x} + offset {region.mmap_offset:#x} "
@@ -60,6 +70,15 @@ def _map(region: MemRegion, fd: OwnedFd) -> MappedRegion:
     addr = ffi.new("uint64_t *")
     check(lib.vr_mmap(fd.fd, length, addr), f"mmap of region gpa {region.gpa:#x} size {region.size:#x}")
     return MappedRegion(region, addr[0], length, fd.take())
+
+
+def check_memory_fs(fd: int, what: str) -> None:
+    """Refuses a file that is not on tmpfs/memfd or hugetlbfs (RequestError)."""
+    fs = ffi.new("uint64_t *")
+    check(lib.vr_fd_fs_type(fd, fs), f"{what}: fstatfs")
+    if fs[0] not in GUEST_MEMORY_FS:
+        raise RequestError(f"{what}: file is on a file system of type {fs[0]:#x}, not guest memory "
+                           "(use memory-backend-memfd, or a file on /dev/shm or hugetlbfs)")
 
 
 def _unmap(m: MappedRegion) -> None:

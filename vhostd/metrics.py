@@ -80,20 +80,38 @@ def render(daemon) -> str:
     lines.append("# HELP vhostd_ports Ports configured.")
     lines.append("# TYPE vhostd_ports gauge")
     lines.append(f"vhostd_ports {len(ports)}")
+    lines.append("# HELP vhostd_ports_failed Ports that failed (set-up, or a worker that did not stop).")
+    lines.append("# TYPE vhostd_ports_failed gauge")
+    lines.append(f"vhostd_ports_failed {len(getattr(daemon, 'failed', {}))}")
+    lines.append("# HELP vhostd_stuck_workers_total Ports failed because a queue pair's worker did not stop.")
+    lines.append("# TYPE vhostd_stuck_workers_total counter")
+    lines.append(f"vhostd_stuck_workers_total {getattr(daemon, 'stuck_workers', 0)}")
     return "\n".join(lines) + "\n"
 
 
+MAX_CLIENTS = 16          # connections served at once; more are closed at once
+REQUEST_DEADLINE_S = 5.0  # the whole request (line and headers) must arrive within this
+MAX_HEADER_LINES = 100
+MAX_LINE = 8192
+
+
 class MetricsServer:
-    """GET /metrics over HTTP/1.0; anything else 404. One request per connection."""
+    """GET /metrics over HTTP/1.0; anything else 404. One request per connection.
+
+    Bounded for slow or flooding clients: at most MAX_CLIENTS connections at once
+    (each holds an fd), one deadline for the whole request, a line length and a
+    header count limit."""
 
     def __init__(self, daemon, listen: str):
         self.daemon = daemon
         self.host, self.port = parse_listen(listen)
         self.server: asyncio.AbstractServer | None = None
+        self.active = 0
+        self.refused = 0
 
     async def start(self) -> None:
         try:
-            self.server = await asyncio.start_server(self._client, self.host, self.port)
+            self.server = await asyncio.start_server(self._client, self.host, self.port, limit=MAX_LINE)
         except OSError as exc:
             raise SetupError(f"metrics endpoint {self.host}:{self.port}: {exc.strerror}") from None
         log.info("metrics on http://%s:%d/metrics", self.host, self.port)
@@ -103,11 +121,22 @@ class MetricsServer:
             self.server.close()
             await self.server.wait_closed()
 
+    @staticmethod
+    async def _read_request(reader: asyncio.StreamReader) -> bytes:
+        request = await reader.readline()
+        for _ in range(MAX_HEADER_LINES):
+            if await reader.readline() in (b"\r\n", b"\n", b""):
+                return request  # headers are not needed
+        raise ValueError("too many header lines")
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_CLIENTS:
+            self.refused += 1
+            writer.close()
+            return
+        self.active += 1
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while await asyncio.wait_for(reader.readline(), 5) not in (b"\r\n", b"\n", b""):
-                pass  # headers are not needed
+            request = await asyncio.wait_for(self._read_request(reader), REQUEST_DEADLINE_S)
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
                 body, status = render(self.daemon).encode(), "200 OK"
@@ -116,8 +145,9 @@ class MetricsServer:
                 body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"
             writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), REQUEST_DEADLINE_S)
         except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
+            self.active -= 1
             writer.close()

@@ -40,6 +40,7 @@ BROKEN_REASONS = {
     lib.VR_BROKEN_INDIRECT: "invalid indirect descriptor table",
     lib.VR_BROKEN_RING_ADDR: "ring not inside guest memory",
     lib.VR_BROKEN_MEMORY: "guest memory became inaccessible (the frontend shrank its memory file)",
+    lib.VR_BROKEN_NOTIFY: "a kick or call eventfd blocked the worker (the frontend made it blocking)",
 }
 
 

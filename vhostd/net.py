@@ -7,12 +7,15 @@ rings, and every pair of the device around a change of the memory table.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from vhostd import tap as taplib
-from vhostd.errors import NativeError, RequestError, SetupError
+from vhostd.connection import OwnedFd, close_all
+from vhostd.errors import NativeError, RequestError, SetupError, WorkerStuck
 from vhostd.memory import GuestMemory, MappedRegion
 from vhostd.native import BROKEN_REASONS, RX, TX, check, ffi, lib
 from vhostd.protocol import F_PROTOCOL_FEATURES, ProtocolFeature, bit
@@ -135,6 +138,15 @@ def vnet_hdr_len(features: int) -> int:
     return 12 if features & (bit(F_VERSION_1) | bit(F_MRG_RXBUF)) else 10
 
 
+def pause(qp: "QueuePair") -> None:
+    """Parks qp's worker (csrc vr_qp_pause). A worker that does not park within the
+    pause timeout is stuck: WorkerStuck, and its port must fail."""
+    rc = lib.vr_qp_pause(qp.ptr)
+    if rc == -errno.ETIMEDOUT:
+        raise WorkerStuck(f"queue pair {qp.index}: the worker did not stop when asked (stuck)")
+    check(rc, f"pause queue pair {qp.index}")
+
+
 class QueuePair:
     """One C worker and its two vrings' datapath state."""
 
@@ -150,7 +162,7 @@ class QueuePair:
 
     @contextmanager
     def paused(self):
-        check(lib.vr_qp_pause(self.ptr), f"pause queue pair {self.index}")
+        pause(self)
         try:
             yield
         finally:
@@ -185,10 +197,50 @@ class QueuePair:
         check(lib.vr_qp_reset_vq(self.ptr, which), f"reset queue pair {self.index}")
         self.reported_broken[which] = 0
 
-    def free(self) -> None:
+    def free(self) -> bool:
+        """Stops the worker and frees the queue pair; False (nothing freed) while a
+        stuck worker has not come back."""
         if self.ptr is not None:
-            lib.vr_qp_free(self.ptr)
+            if lib.vr_qp_free(self.ptr) < 0:
+                return False
             self.ptr = None
+        return True
+
+
+@dataclass
+class _Stuck:
+    """What a device with a stuck worker leaves behind: the worker may still touch
+    the memory, the TAP fds and the vring eventfds, so none of them is unmapped or
+    closed (an fd number reused meanwhile could receive its writes) until every
+    stuck queue pair has parked and been freed."""
+
+    port: str
+    qps: list
+    mem: GuestMemory
+    tap: object
+    fds: list = field(default_factory=list)
+
+
+_stuck: list[_Stuck] = []
+
+
+def reap_stuck() -> list[str]:
+    """Frees the devices whose stuck workers have come back; one log line each."""
+    lines = []
+    for s in list(_stuck):
+        s.qps = [qp for qp in s.qps if not qp.free()]
+        if not s.qps:
+            _stuck.remove(s)
+            s.mem.clear()
+            close_all(s.fds)
+            s.tap.close()
+            lines.append(f"port {s.port}: the stuck worker came back; its memory, fds and TAP are released")
+    return lines
+
+
+def stuck_count() -> int:
+    """Devices still held by a stuck worker."""
+    return len(_stuck)
 
 
 class NetDevice:
@@ -205,6 +257,7 @@ class NetDevice:
         self.mem = GuestMemory()
         self.qps: list[QueuePair] = []
         self._attached = [True] * queue_pairs
+        self._held: list[OwnedFd] = []   # vring fds a stuck worker may still use
         try:
             for i in range(queue_pairs):
                 self.qps.append(QueuePair(i, self.mem, tap.fds[i].fd))
@@ -221,7 +274,7 @@ class NetDevice:
         paused = []
         try:
             for qp in self.qps:
-                check(lib.vr_qp_pause(qp.ptr), f"pause queue pair {qp.index}")
+                pause(qp)
                 paused.append(qp)
             yield
         finally:
@@ -291,11 +344,18 @@ class NetDevice:
         return base[0]
 
     def reset(self, vrings: list[Vring]) -> None:
-        """Forgets a frontend: rings idle, fds released, memory unmapped. The TAP stays."""
-        with self.all_paused():
+        """Forgets a frontend: rings idle, fds released, memory unmapped. The TAP stays.
+        With a stuck worker (WorkerStuck) the vring fds are kept, not closed: the
+        device holds them until close() hands everything to reap_stuck()."""
+        try:
+            with self.all_paused():
+                for v in vrings:
+                    self.qp_of(v).reset_vq(v.which)
+                self.mem.clear()
+        except WorkerStuck:
             for v in vrings:
-                self.qp_of(v).reset_vq(v.which)
-            self.mem.clear()
+                self._held.extend(f for f in (v.replace_fd(a, None) for a in ("kick", "call", "err")) if f)
+            raise
         for v in vrings:
             v.release()
             v.enabled = True
@@ -327,10 +387,17 @@ class NetDevice:
         return out
 
     def close(self) -> None:
-        for qp in self.qps:
-            qp.free()
+        """Frees the workers, unmaps memory, closes the TAP fds. A stuck worker's
+        device is handed to reap_stuck() instead, whole."""
+        stuck = [qp for qp in self.qps if not qp.free()]
         self.qps.clear()
+        if stuck:
+            _stuck.append(_Stuck(self.port, stuck, self.mem, self.tap, self._held))
+            log.error("port %s: %d stuck worker(s): memory, fds and TAP kept until they come back",
+                      self.port, len(stuck))
+            return
         self.mem.clear()
+        close_all(self._held)
         self.tap.close()
 
 

@@ -266,6 +266,7 @@ class Port:
             "tap": self.config.tap,
             "netns": self.config.netns,
             "queues": self.config.queues,
+            "state": "connected" if self.session is not None else "waiting",
             "connected": self.session is not None,
             "connections": self.connections,
             "uptime_s": round(time.time() - self.opened_at, 1),

@@ -14,7 +14,7 @@ import time
 from vhostd import tap as taplib
 from vhostd.connection import Connection, OwnedFd, close_all
 from vhostd.dispatch import dispatch
-from vhostd.errors import ProtocolError, RequestError, VhostError
+from vhostd.errors import ProtocolError, RequestError, VhostError, WorkerStuck
 from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names, validate_vring_index
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
@@ -73,6 +73,8 @@ class Session:
                 reply = await dispatch(self, header, payload, fds)
                 if reply is not None:
                     await self.conn.send(reply)
+        except WorkerStuck:
+            raise  # not this frontend's connection alone: the port fails (Port.serve)
         except (ProtocolError, VhostError) as exc:
             # ProtocolError: framing cannot be trusted any more. Any other VhostError
             # here escaped dispatch by mistake: end this frontend, never the port.
@@ -84,8 +86,12 @@ class Session:
             self.close()
 
     def close(self) -> None:
-        self.device.reset(self.vrings)
-        self.conn.close()
+        try:
+            self.device.reset(self.vrings)
+        except WorkerStuck:
+            pass  # the device keeps what the worker may use; the port fails and closes it
+        finally:
+            self.conn.close()
 
     # --- helpers for dispatch --------------------------------------------------
 
@@ -298,6 +304,11 @@ class Session:
         elif not _is_eventfd(fds[0].fd):
             raise RequestError(f"vring {body.index} {attr}: fd is not an eventfd")
         else:
+            # Used in the blocking mode the frontend chose: the flag lives on the
+            # file description it shares, and changing it would change its own
+            # reads. A blocking fd that would make the worker sleep (a full call
+            # or err counter, a kick counter the frontend drained) is ended by the
+            # pause's nudge, and that vring stops (csrc/vr_internal.h, vr_efd_signal).
             new = fds[0]
         v = self.vrings[body.index]
         old = v.replace_fd(attr, new)

@@ -11,14 +11,14 @@
  * the vnet header is malformed (the ring is broken, VR_BROKEN_DESC). With MRG_RXBUF a
  * frame's size is known only after the read, so we gather chains up front until
  * they hold qp->rx_need bytes (the largest frame the acked offloads allow, see
- * worker.c) or the ring runs dry, readv() once over all of them, publish used
+ * vr_qp_update_rx_need in qp_control.c) or the ring runs dry, readv() once over all of them, publish used
  * entries for the chains actually filled (each with its own length), set
  * num_buffers to their count, and keep the rest for the next frame. Chains still
  * held at the end of a burst are given back by rewinding the avail position, so
  * the ring state is exact whenever the worker parks.
  *
- * Two wake-up sources (REFERENCE "Datapath traps"): the TAP becoming readable and
- * the guest kicking after posting buffers. When the ring is empty we stop watching
+ * Two wake-up sources: the TAP becoming readable and the guest kicking after
+ * posting buffers. When the ring is empty we stop watching
  * the TAP (level-triggered epoll would spin), ask for a kick, re-check once, and
  * report VR_RX_RING_EMPTY; worker.c applies the watch changes.
  */

@@ -10,25 +10,18 @@
  * Frames up to 64 KiB + Ethernet + VLAN pass (GSO), over up to VR_MAX_IOV - 1
  * guest segments.
  *
- * Small frames are the exception to zero copy (issue 6, docs/perf-changes.md §9):
- * a chain whose header + frame total at most qp->tx_copy_max bytes (default 512,
- * vr_set_tx_copy_max(), 0 = never) is copied, all of it, in one pass out of
- * guest memory into the slot's cache-aligned bounce buffer; the header is then
- * taken from *that copy* into a local, validated and sanitized exactly as above,
- * and written back over the copy, so the TAP gets the checked header and the
- * guest's memory is read once (no double fetch: nothing is re-read after the
- * check). The buffer goes to the TAP as one write() / IORING_OP_WRITE. Why: on
- * this kernel a write of one buffer costs ~0.31 µs against ~0.35 µs for any
- * writev (import_iovec and an ITER_IOVEC copy instead of ITER_UBUF), and copying
- * <= 512 bytes that the kernel would otherwise copy itself costs less than
- * that difference. Measured: -13 % backend CPU per packet at 64 B (DPDK's
- * forwarder then needs 1.26x our CPU per packet), -15..-16 % at 240 and 480 B
- * (docs/perf-changes.md §9). DPDK's vhost copies every frame. Zero-copy write of a guest buffer
- * that already holds header + frame contiguously (what virtio-user and Linux
- * guests post) is NOT done: the kernel would read the header from guest memory
- * after we checked our copy of it — the double fetch the header rules exist to
- * prevent — and we may not write the sanitized header into a device-readable
- * buffer. Frames above the threshold stay zero-copy (writev, local header first).
+ * Small frames are the exception to zero copy: a chain whose header + frame
+ * total at most qp->tx_copy_max bytes (vr_qp_set_tx_copy_max, default 512, 0 =
+ * never) is copied, all of it, in one pass into the slot's bounce buffer and
+ * written as one buffer (write() / IORING_OP_WRITE): a write of one buffer
+ * costs the kernel less than a writev of several, by more than the copy costs
+ * at these sizes (measurements: docs/notes/perf-changes.md). The header is
+ * taken from that copy into a local, checked and sanitized as above and written
+ * back over the copy, so the TAP gets the checked header and guest memory is
+ * read exactly once. A guest buffer that already holds header + frame is never
+ * handed to the kernel as is: the kernel would read the header from guest
+ * memory after we checked our copy of it (a double fetch), and we may not
+ * write the sanitized header into a device-readable buffer.
  *
  * A chain is always returned used (len 0: the device wrote nothing), whether it
  * was sent or dropped. A copied chain could be returned right after the copy, but

@@ -92,7 +92,7 @@ static void vr_qp_update_rx_need(struct vr_qp *qp)
     qp->rx_need = frame + qp->vnet_hdr_len;
 }
 
-struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
+struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd, int io_mode)
 {
     struct vr_qp *qp;
     struct epoll_event ev = { .events = EPOLLIN, .data.u32 = VR_EV_CTRL };
@@ -100,7 +100,7 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
     sigset_t all, old;
     int err;
 
-    if (!mem) {
+    if (!mem || (io_mode != VR_IO_SYSCALL && io_mode != VR_IO_URING)) {
         errno = EINVAL;
         return NULL;
     }
@@ -108,7 +108,8 @@ struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd)
     if (!qp)
         return NULL;
     memset(qp, 0, sizeof(*qp));
-    qp->tx_copy_max = __atomic_load_n(&vr_tx_copy_max, __ATOMIC_RELAXED);
+    qp->tx_copy_max = VR_TX_COPY_DEFAULT;
+    qp->io_mode = io_mode;              /* what to try; vr_io_init() records what it got */
     qp->mem = mem;
     qp->tap_fd = tap_fd;
     qp->tap_is_socket = tap_fd >= 0 && fstat(tap_fd, &st) == 0 && S_ISSOCK(st.st_mode);
@@ -489,6 +490,15 @@ int vr_qp_io_mode(struct vr_qp *qp)
 int vr_qp_io_error(struct vr_qp *qp)
 {
     return qp ? qp->io_error : -EINVAL;
+}
+
+int vr_qp_set_tx_copy_max(struct vr_qp *qp, uint32_t bytes)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_TX);
+    if (bytes > VR_TX_COPY_LIMIT)
+        return -EINVAL;
+    qp->tx_copy_max = bytes;
+    return 0;
 }
 
 int vr_qp_set_busy_poll(struct vr_qp *qp, uint32_t usecs)

@@ -5,7 +5,7 @@
  * vhostd/_build_ffi.py as the cffi cdef, so it must stay plain C declarations
  * (no includes, no macros other than integer #defines, no inline code).
  *
- * Ownership rules (see ../shared/CONVENTIONS.md):
+ * Ownership rules:
  *  - Python owns every fd (kick, call, err, TAP) and every mapping; C only uses
  *    the numbers and addresses it is handed.
  *  - A struct vr_qp is one queue pair (RX vq 2n, TX vq 2n+1) served by one worker
@@ -32,9 +32,14 @@
 #define VR_SPACE_GPA 0          /* guest-physical: descriptor addresses */
 #define VR_SPACE_UVA 1          /* frontend virtual: SET_VRING_ADDR addresses */
 
-/* How a queue pair's worker talks to its TAP (vr_qp_io_mode). */
+/* How a queue pair's worker talks to its TAP (vr_qp_new, vr_qp_io_mode). */
 #define VR_IO_SYSCALL 0         /* one readv/writev per frame */
 #define VR_IO_URING 1           /* TX: a burst of writev requests per io_uring_enter */
+
+/* TX copy threshold (vr_qp_set_tx_copy_max): frames of at most this many bytes,
+ * vnet header included, are copied into a bounce buffer and written as one. */
+#define VR_TX_COPY_DEFAULT 512
+#define VR_TX_COPY_LIMIT 512
 
 #define VR_MAX_BUSY_POLL_US 1000000     /* vr_qp_set_busy_poll() limit: 1 s */
 
@@ -140,9 +145,12 @@ int vr_mem_validate(const struct vr_mem *mem);
 /*
  * Creates a queue pair bound to `mem` (which must outlive it) and `tap_fd`
  * (non-blocking, IFF_VNET_HDR), and starts its worker thread, idle until both
- * rings are ready. NULL on failure (errno set).
+ * rings are ready. io_mode VR_IO_URING: TX bursts through io_uring where
+ * io_uring_setup() works (else one syscall per frame, the reason kept for
+ * vr_qp_io_error); VR_IO_SYSCALL: one readv/writev per frame. NULL on failure
+ * (errno set).
  */
-struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd);
+struct vr_qp *vr_qp_new(struct vr_mem *mem, int tap_fd, int io_mode);
 
 /* Parks, stops and joins the worker, frees the qp. Closes no fd. -EBUSY, and
  * nothing freed, for a stuck worker that has not parked (see vr_qp_pause): the
@@ -227,24 +235,15 @@ int vr_qp_reset_vq(struct vr_qp *qp, int which);
  */
 int vr_qp_event_fd(struct vr_qp *qp);
 
-/* --- TAP I/O mode, busy polling, CPU placement, diagnostics (process-wide switches:
- *     worker.c; per queue pair: qp_control.c) --- */
+/* --- TAP I/O, busy polling, CPU placement, diagnostics (qp_control.c) --- */
 
 /*
- * Process-wide switch read by vr_qp_new(): 0 makes new queue pairs use one
- * readv/writev per frame even where io_uring works (tests, comparisons).
- * Default 1: io_uring when io_uring_setup() succeeds.
+ * TX copy threshold: frames whose vnet header + packet total at most `bytes` are
+ * copied into a per-slot bounce buffer and written as one buffer (write /
+ * IORING_OP_WRITE); larger ones go zero-copy by writev. 0 disables the copy.
+ * Default VR_TX_COPY_DEFAULT; at most VR_TX_COPY_LIMIT, else -EINVAL. Paused only.
  */
-void vr_set_io_uring(int allowed);
-
-/*
- * Process-wide TX copy threshold read by vr_qp_new(): frames whose vnet header +
- * packet total at most `bytes` are copied into a bounce buffer and written as one
- * buffer (write / IORING_OP_WRITE); larger frames go zero-copy by writev. 0
- * disables the copy. Default 512 (measured: docs/perf-changes.md §9); at most
- * 512, else -EINVAL.
- */
-int vr_set_tx_copy_max(unsigned bytes);
+int vr_qp_set_tx_copy_max(struct vr_qp *qp, uint32_t bytes);
 
 /* Frames this queue pair's TX sent through its bounce buffers (valid header,
  * handed to the TAP), since it was created. Read while paused. */
@@ -281,7 +280,7 @@ uint64_t vr_qp_idle_waits(struct vr_qp *qp);
 int vr_qp_io_mode(struct vr_qp *qp);
 
 /* The errno io_uring set-up failed with (ENOSYS, EPERM, ...), 0 if it was not
- * tried (vr_set_io_uring(0)) or worked. */
+ * tried (VR_IO_SYSCALL) or worked. */
 int vr_qp_io_error(struct vr_qp *qp);
 
 /*

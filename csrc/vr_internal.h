@@ -292,8 +292,6 @@ struct vr_ring_ops {
  * one write() / IORING_OP_WRITE (see net_tx.c). One slot per in-flight request,
  * cache-line aligned; VR_TX_COPY_LIMIT is the largest threshold accepted.
  */
-#define VR_TX_COPY_LIMIT 512u
-#define VR_TX_COPY_DEFAULT 512u
 
 /*
  * TX in io_uring mode: the chains of one burst, popped and validated first, their
@@ -320,7 +318,7 @@ struct vr_tx_slot {
 struct vr_qp {
     struct vr_mem *mem;
     int tap_fd;
-    int io_mode;                        /* VR_IO_SYSCALL or VR_IO_URING (set by the worker at start) */
+    int io_mode;                        /* asked for by vr_qp_new(), then what the worker got */
     int io_error;                       /* errno io_uring set-up failed with, 0 if not tried or fine */
     bool io_ready;                      /* under lock: io_mode is final */
     struct vr_uring ring;               /* VR_IO_URING: the worker's ring, TAP fd registered */
@@ -495,7 +493,6 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp);
 extern pthread_once_t vr_signals_once;  /* vr_install_signals(), once per process */
 void vr_install_signals(void);          /* SIGBUS recovery and the nudge, see worker.c */
 void *vr_worker(void *arg);             /* pthread_create() start routine, arg: the qp */
-extern unsigned vr_tx_copy_max;         /* vr_set_tx_copy_max(); read by vr_qp_new() */
 
 /*
  * The nudge: a signal the control plane sends a worker that does not park in

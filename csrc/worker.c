@@ -10,7 +10,7 @@
  * its control eventfd fires, never on the datapath. epoll is level-triggered:
  * a kick eventfd is drained when it fires, and the TAP fd is watched only while
  * RX wants frames (ring ready + enabled + guest buffers available), so nothing
- * can spin (REFERENCE "Datapath traps").
+ * can spin: a level-triggered fd nobody reads would wake the loop for ever.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -220,22 +220,6 @@ int vr_qp_test_burst(struct vr_qp *qp)
 
 /* ---------------------------------------------------------- TAP I/O mode */
 
-static int vr_io_uring_allowed = 1;     /* vr_set_io_uring(); read by each new worker */
-unsigned vr_tx_copy_max = VR_TX_COPY_DEFAULT;   /* vr_set_tx_copy_max(); read by vr_qp_new() */
-
-int vr_set_tx_copy_max(unsigned bytes)
-{
-    if (bytes > VR_TX_COPY_LIMIT)
-        return -EINVAL;
-    __atomic_store_n(&vr_tx_copy_max, bytes, __ATOMIC_RELAXED);
-    return 0;
-}
-
-void vr_set_io_uring(int allowed)
-{
-    __atomic_store_n(&vr_io_uring_allowed, allowed != 0, __ATOMIC_RELAXED);
-}
-
 /*
  * Runs on the worker thread before anything else, so that the ring belongs to
  * it (SINGLE_ISSUER). io_uring_setup fails with ENOSYS on kernels without it and
@@ -246,12 +230,13 @@ void vr_set_io_uring(int allowed)
 static void vr_io_init(struct vr_qp *qp)
 {
     int r;
+    bool want = qp->io_mode == VR_IO_URING;
 
     qp->io_mode = VR_IO_SYSCALL;
     qp->io_error = 0;
     memset(&qp->ring, 0, sizeof(qp->ring));
     qp->ring.fd = qp->ring.reg_fd = -1;
-    if (qp->tap_fd >= 0 && __atomic_load_n(&vr_io_uring_allowed, __ATOMIC_RELAXED)) {
+    if (qp->tap_fd >= 0 && want) {
         r = vr_uring_init(&qp->ring, VR_BURST);
         if (r == 0) {
             vr_uring_register_fd(&qp->ring, qp->tap_fd);   /* optional: plain fd otherwise */

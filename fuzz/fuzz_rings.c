@@ -168,7 +168,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         for (int k = 0; k < 3; k++)
             if ((efd[w][k] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
                 die("eventfd");
-    qp = vr_qp_new(&mem, tap_fd);
+    qp = vr_qp_new(&mem, tap_fd, VR_IO_URING);
     if (!qp)
         die("vr_qp_new");
     if (vr_qp_pause(qp) != 0)           /* parked between inputs, as between frontends */

@@ -82,7 +82,8 @@ class Dev:
 
     def __init__(self, features: int = F_V1, hdr_len: int = 12, num: int = NUM,
                  mem: GuestMemory | None = None, ring_region: int | None = None,
-                 tx_enabled: bool = True, rx_enabled: bool = True, rings=None):
+                 tx_enabled: bool = True, rx_enabled: bool = True, rings=None,
+                 io_mode: int = lib.VR_IO_URING, tx_copy_max: int | None = None):
         self.features = features
         self.hdr_len = hdr_len
         self.num = num
@@ -92,12 +93,14 @@ class Dev:
         self.tap, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.tap.setblocking(False)
         self.peer.settimeout(5)
-        self.qp = lib.vr_qp_new(self.cmem, self.tap.fileno())
+        self.qp = lib.vr_qp_new(self.cmem, self.tap.fileno(), io_mode)
         assert self.qp != ffi.NULL
         self.kick_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
         self.call_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
         self.err_fd = {w: os.eventfd(0, EFD) for w in (0, 1)}
         with self.paused(settle=True):
+            if tx_copy_max is not None:
+                assert lib.vr_qp_set_tx_copy_max(self.qp, tx_copy_max) == 0
             self._attach(mem, ring_region, tx_enabled, rx_enabled, rings)
 
     def _attach(self, mem, ring_region, tx_enabled, rx_enabled, rings) -> None:

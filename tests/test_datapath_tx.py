@@ -9,6 +9,7 @@ chain shape reaches the TAP byte-identical.
 from __future__ import annotations
 
 import contextlib
+import errno
 import random
 import socket
 import threading
@@ -186,16 +187,6 @@ HDR_CASES = [
 ]
 
 
-@pytest.fixture
-def tx_copy_max(request):
-    """Sets the process-wide TX copy threshold (read by vr_qp_new) for the test;
-    restores the default afterwards."""
-    def set_max(n: int) -> None:
-        assert lib.vr_set_tx_copy_max(n) == 0
-    yield set_max
-    assert lib.vr_set_tx_copy_max(TX_COPY_DEFAULT) == 0
-
-
 TX_COPY_DEFAULT = 512
 
 
@@ -208,9 +199,8 @@ def tx_copied(d: Dev) -> int:
 # 0: the same cases through the zero-copy writev path.
 @pytest.mark.parametrize("copy_max", [0, 512])
 @pytest.mark.parametrize("features,hkw,flen,ok", HDR_CASES)
-def test_tx_header_validation(make_dev, tx_copy_max, copy_max, features, hkw, flen, ok):
-    tx_copy_max(copy_max)
-    d = make_dev(features=F_V1 | F_INDIRECT | features)
+def test_tx_header_validation(make_dev, copy_max, features, hkw, flen, ok):
+    d = make_dev(features=F_V1 | F_INDIRECT | features, tx_copy_max=copy_max)
     d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
     d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
     hdr = net_hdr(**hkw)
@@ -272,15 +262,12 @@ def test_tx_header_sanitized_in_the_copy(make_dev):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("uring", [True, False])
-def test_tx_copy_threshold_boundary(make_dev, tx_copy_max, packed, uring):
+def test_tx_copy_threshold_boundary(make_dev, packed, uring):
     """Header + frame of exactly the threshold is copied, one byte more goes
     zero-copy; single- and multi-segment chains; the TAP gets identical bytes
     either way and every chain comes back used, in order, with len 0."""
-    lib.vr_set_io_uring(int(uring))
-    try:
-        d = make_dev(features=F_V1 | (F_PACKED if packed else 0))
-    finally:
-        lib.vr_set_io_uring(1)
+    d = make_dev(features=F_V1 | (F_PACKED if packed else 0),
+                 io_mode=lib.VR_IO_URING if uring else lib.VR_IO_SYSCALL)
     frames, want_copied = [], 0
     for total in (TX_COPY_DEFAULT - 1, TX_COPY_DEFAULT, TX_COPY_DEFAULT + 1, 12 + 14, 12 + 1500):
         blob = net_hdr() + eth_frame(total - 12, total)
@@ -305,11 +292,10 @@ def test_tx_copy_threshold_boundary(make_dev, tx_copy_max, packed, uring):
 
 
 @pytest.mark.parametrize("copy_max", [0, 128, 512])
-def test_tx_copied_and_zero_copy_frames_mixed_in_bursts(make_dev, tx_copy_max, copy_max):
+def test_tx_copied_and_zero_copy_frames_mixed_in_bursts(make_dev, copy_max):
     """Several bursts mixing copied small frames (many segments each) with zero-copy
     large ones: order, bytes and counters as without the copy."""
-    tx_copy_max(copy_max)
-    d = make_dev(features=F_V1 | F_INDIRECT, num=1024)
+    d = make_dev(features=F_V1 | F_INDIRECT, num=1024, tx_copy_max=copy_max)
     d.tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
     d.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
     rnd = random.Random(5)
@@ -332,10 +318,13 @@ def test_tx_copied_and_zero_copy_frames_mixed_in_bursts(make_dev, tx_copy_max, c
     assert tx_copied(d) == sum(len(b) <= copy_max for b in blobs)
 
 
-def test_tx_copy_max_limit():
-    assert lib.vr_set_tx_copy_max(513) < 0
-    assert lib.vr_set_tx_copy_max(512) == 0
-    assert lib.vr_set_tx_copy_max(TX_COPY_DEFAULT) == 0
+def test_tx_copy_max_limit(make_dev):
+    d = make_dev()
+    with d.paused():
+        assert lib.vr_qp_set_tx_copy_max(d.qp, 513) < 0
+        assert lib.vr_qp_set_tx_copy_max(d.qp, 512) == 0
+        assert lib.vr_qp_set_tx_copy_max(d.qp, 0) == 0
+    assert lib.vr_qp_set_tx_copy_max(d.qp, 100) == -errno.EBUSY     # paused only
 
 
 def test_tx_disabled_ring_drops(make_dev):

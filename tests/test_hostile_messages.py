@@ -1,5 +1,6 @@
-"""Hostile vhost-user messages against one real vhostd process (hardening checklist
-items 1, 2 and 8 of shared/REFERENCE.md; the three validation layers of
+"""Hostile vhost-user messages against one real vhostd process (exact payload sizes
+and fd counts, bounded indices and regions, repeated set-up releasing the previous
+one: what the CVE history of vhost-user backends taught; the three validation layers of
 protocol.py, dispatch.py and session.py).
 
 One daemon serves two ports for the whole module. Each malformed request goes to

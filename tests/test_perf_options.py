@@ -1,4 +1,4 @@
-"""Tests for the datapath's performance options (issue 6 part 2): the TAP I/O mode
+"""Tests for the datapath's performance options: the TAP I/O mode
 (io_uring bursts, with the readv/writev fallback when io_uring is unavailable),
 the busy-poll window (--busy-poll-us / busy_poll_us) and worker CPU placement
 (--cpu-affinity / cpu_affinity), from the C API up to the command line.
@@ -41,14 +41,10 @@ def _uring_works() -> bool:
 
 @pytest.fixture(params=["uring", "syscall"])
 def io_mode(request):
-    """Runs a test once per TAP I/O mode; vr_set_io_uring() is process-wide, so it is restored."""
+    """Runs a test once per TAP I/O mode (each queue pair is created in it)."""
     if request.param == "uring" and not _uring_works():
         pytest.skip("io_uring_setup() fails here: only the syscall mode can run")
-    lib.vr_set_io_uring(int(request.param == "uring"))
-    try:
-        yield lib.VR_IO_URING if request.param == "uring" else lib.VR_IO_SYSCALL
-    finally:
-        lib.vr_set_io_uring(1)
+    return lib.VR_IO_URING if request.param == "uring" else lib.VR_IO_SYSCALL
 
 
 @pytest.fixture
@@ -56,7 +52,7 @@ def dev(io_mode):
     devs = []
 
     def make(**kw):
-        d = Dev(**kw)
+        d = Dev(io_mode=io_mode, **kw)
         devs.append(d)
         assert lib.vr_qp_io_mode(d.qp) == io_mode
         return d
@@ -68,20 +64,17 @@ def dev(io_mode):
 # ------------------------------------------------------------------ I/O mode
 
 def test_io_mode_switch_and_reason():
-    lib.vr_set_io_uring(0)
+    d = Dev(io_mode=lib.VR_IO_SYSCALL)
     try:
-        d = Dev()
-        try:
-            assert lib.vr_qp_io_mode(d.qp) == lib.VR_IO_SYSCALL
-            assert lib.vr_qp_io_error(d.qp) == 0        # not tried: no error to report
+        assert lib.vr_qp_io_mode(d.qp) == lib.VR_IO_SYSCALL
+        assert lib.vr_qp_io_error(d.qp) == 0        # not tried: no error to report
 
-            class QP:
-                ptr = d.qp
-            assert native.io_mode_line([QP]) == "TAP I/O: readv/writev, one syscall per frame (io_uring not used)"
-        finally:
-            d.close()
+        class QP:
+            ptr = d.qp
+        assert native.io_mode_line([QP]) == "TAP I/O: readv/writev, one syscall per frame (tap_io = syscall)"
     finally:
-        lib.vr_set_io_uring(1)
+        d.close()
+    assert lib.vr_qp_new(ffi.new("struct vr_mem *"), -1, 7) == ffi.NULL     # unknown mode
     d = Dev()
     try:
         mode, err = lib.vr_qp_io_mode(d.qp), lib.vr_qp_io_error(d.qp)
@@ -369,11 +362,40 @@ def test_command_line_options(tmp_path):
     f = tmp_path / "v.toml"
     f.write_text('[[port]]\nsocket = "/tmp/a.sock"\ntap = "a0"\n')
     args = vhostd_parser().parse_args(["--config", str(f), "--busy-poll-us", "10"])
-    with pytest.raises(SetupError, match="use the busy_poll_us and cpu_affinity keys of the config file"):
+    with pytest.raises(SetupError, match="use the busy_poll_us, cpu_affinity, tap_io and tx_copy_max keys"):
         daemon_config(args)
     args = vhostd_parser().parse_args(["--socket", "/tmp/s", "--tap", "t0", "--cpu-affinity", "x"])
     with pytest.raises(SetupError, match="is not a CPU list"):
         daemon_config(args)
+    # TAP I/O mode and TX copy threshold: per port, flags or config keys
+    args = vhostd_parser().parse_args(["--socket", "/tmp/s", "--tap", "t0", "--control", "",
+                                       "--tap-io", "syscall", "--tx-copy-max", "0"])
+    cfg, _ = daemon_config(args)
+    assert (cfg.ports[0].tap_io, cfg.ports[0].tx_copy_max) == ("syscall", 0)
+    for bad in (["--tap-io", "fast"], ["--tx-copy-max", "513"], ["--tx-copy-max", "-1"]):
+        with pytest.raises(SystemExit):
+            vhostd_parser().parse_args(["--socket", "/tmp/s", "--tap", "t0", *bad])
+    f.write_text('[[port]]\nsocket = "/tmp/a.sock"\ntap = "a0"\ntap_io = "syscall"\ntx_copy_max = 128\n')
+    port = load_config(str(f)).ports[0]
+    assert (port.tap_io, port.tx_copy_max) == ("syscall", 128)
+    for key, value, msg in (("tap_io", '"uring"', "tap_io 'uring' is not one of auto, syscall"),
+                            ("tx_copy_max", "600", "tx_copy_max 600 out of range")):
+        f.write_text(f'[[port]]\nsocket = "/tmp/a.sock"\ntap = "a0"\n{key} = {value}\n')
+        with pytest.raises(SetupError, match=msg):
+            load_config(str(f))
+
+
+def test_daemon_tap_io_syscall_and_tx_copy_max(tmp_path, netns):
+    """--tap-io syscall creates the queue pairs in syscall mode (the log line says why);
+    --tx-copy-max 0 is accepted by every worker (configure_workers fails the start
+    otherwise)."""
+    d = DaemonProcess(tmp_path, netns, "vpo1", "--tap-io", "syscall", "--tx-copy-max", "0")
+    try:
+        d.wait_ready()
+        wait_for(lambda: "TAP I/O:" in d.log(), what="I/O mode log line")
+        assert "port vpo1: TAP I/O: readv/writev, one syscall per frame (tap_io = syscall)" in d.log()
+    finally:
+        assert d.stop() == 0
 
 
 def test_daemon_logs_io_mode_and_applies_options(tmp_path, netns):
@@ -413,7 +435,7 @@ def test_tap_released_when_the_queue_pair_is_freed(netns):
     mem = ffi.new("struct vr_mem *")
     for _ in range(5):
         tap = taplib.open_tap("vpr0", netns)
-        qp = lib.vr_qp_new(mem, tap.fds[0].fd)
+        qp = lib.vr_qp_new(mem, tap.fds[0].fd, lib.VR_IO_URING)
         assert qp != ffi.NULL
         lib.vr_qp_free(qp)
         tap.close()

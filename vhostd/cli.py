@@ -23,6 +23,7 @@ from vhostd.config import (
     apply_control_access,
     check_port,
     MAX_BUSY_POLL_US,
+    TX_COPY_LIMIT,
     load_config,
     parse_group,
     parse_cpus,
@@ -71,6 +72,12 @@ def vhostd_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-affinity", metavar="CPUS",
                    help="pin queue-pair workers: queue pair i runs on the i-th CPU of the list, "
                    "round robin (e.g. 2,3 or 0-3)")
+    p.add_argument("--tap-io", choices=("auto", "syscall"), default="auto",
+                   help="TAP I/O of the workers: auto = TX bursts through io_uring where it works, else one "
+                   "syscall per frame (default); syscall = always one readv/writev per frame")
+    p.add_argument("--tx-copy-max", type=_int_in(0, TX_COPY_LIMIT), default=TX_COPY_LIMIT, metavar="N",
+                   help=f"TX frames of at most N bytes (vnet header included) are copied and written as one "
+                   f"buffer, larger ones go zero-copy (0..{TX_COPY_LIMIT}, default {TX_COPY_LIMIT}; 0 = never copy)")
     p.add_argument("--client", action="store_true",
                    help="connect to QEMU's server=on chardev instead of listening (retries until it can)")
     p.add_argument("--remove-tap", action="store_true",
@@ -159,9 +166,10 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
             raise SetupError("--config and a command-line port (--socket/--fd/--tap) are exclusive")
         if args.remove_tap:
             raise SetupError("--remove-tap is for a command-line port; in a config file use remove_tap = true")
-        if args.busy_poll_us or args.cpu_affinity:
-            raise SetupError("--busy-poll-us and --cpu-affinity are for a command-line port: "
-                             "use the busy_poll_us and cpu_affinity keys of the config file")
+        if args.busy_poll_us or args.cpu_affinity or args.tap_io != "auto" or args.tx_copy_max != TX_COPY_LIMIT:
+            raise SetupError("--busy-poll-us, --cpu-affinity, --tap-io and --tx-copy-max are for a command-line "
+                             "port: use the busy_poll_us, cpu_affinity, tap_io and tx_copy_max keys of the "
+                             "config file")
         cfg = load_config(args.config)
         if access:  # the command line wins over the file's top-level keys
             cfg.socket_defaults.update(access)
@@ -177,6 +185,7 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str | None]:
         port = check_port(PortConfig(socket=args.socket or "", tap=args.tap, netns=args.netns, mac=args.mac,
                                      mtu=args.mtu, queues=args.queues, client=args.client, fd=args.fd,
                                      remove_tap=args.remove_tap, busy_poll_us=args.busy_poll_us,
+                                     tap_io=args.tap_io, tx_copy_max=args.tx_copy_max,
                                      cpu_affinity=parse_cpus(args.cpu_affinity) if args.cpu_affinity else (),
                                      **access))
         cfg = DaemonConfig(ports=[port], socket_defaults=access)

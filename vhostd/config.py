@@ -22,6 +22,8 @@
                                               #   top-level keys)
     busy_poll_us = 0                          # optional: busy-poll window after traffic, 0 = off
     cpu_affinity = [2, 3]                     # optional: CPU of queue pair 0, 1, ... (round robin)
+    tap_io = "auto"                           # optional: "auto" (io_uring where it works) or "syscall"
+    tx_copy_max = 512                         # optional: TX frames up to this size are copied (0..512)
 
 Every error names the file, the port and the key, in one line.
 """
@@ -39,6 +41,8 @@ from vhostd.errors import SetupError
 MAX_QUEUE_PAIRS = 16
 DEFAULT_SOCKET_MODE = 0o660
 MAX_BUSY_POLL_US = 1_000_000  # csrc/vhostd.h VR_MAX_BUSY_POLL_US
+TX_COPY_LIMIT = 512  # csrc/vhostd.h VR_TX_COPY_LIMIT
+TAP_IO_MODES = ("auto", "syscall")
 RUNTIME_DIR = "/run/vhostd"
 DEFAULT_CONTROL_PATH = "/run/vhostd/control.sock"
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -62,6 +66,8 @@ class PortConfig:
     socket_mode: int = DEFAULT_SOCKET_MODE
     busy_poll_us: int = 0  # busy-poll window of each worker after traffic (0: sleep at once)
     cpu_affinity: tuple[int, ...] = ()  # queue pair i's worker runs on cpu_affinity[i % len]
+    tap_io: str = "auto"  # "auto": TX bursts through io_uring where it works; "syscall": one per frame
+    tx_copy_max: int = TX_COPY_LIMIT  # TX frames (vnet header included) up to this size are copied
 
     def __post_init__(self):
         if not self.name:
@@ -156,6 +162,10 @@ def check_port(p: PortConfig, where: str = "") -> PortConfig:
         p = replace(p, mac=p.mac.lower())
     if not 0 <= p.busy_poll_us <= MAX_BUSY_POLL_US:
         raise SetupError(f"{at}busy_poll_us {p.busy_poll_us} out of range (0..{MAX_BUSY_POLL_US})")
+    if p.tap_io not in TAP_IO_MODES:
+        raise SetupError(f"{at}tap_io {p.tap_io!r} is not one of {', '.join(TAP_IO_MODES)}")
+    if not 0 <= p.tx_copy_max <= TX_COPY_LIMIT:
+        raise SetupError(f"{at}tx_copy_max {p.tx_copy_max} out of range (0..{TX_COPY_LIMIT})")
     if p.cpu_affinity:
         usable = os.sched_getaffinity(0)
         for cpu in p.cpu_affinity:
@@ -199,7 +209,8 @@ def parse_cpus(text: str) -> tuple[int, ...]:
 
 
 _PORT_KEYS = {"name": str, "socket": str, "tap": str, "netns": str, "mac": str, "mtu": int, "queues": int,
-              "client": bool, "remove_tap": bool, "busy_poll_us": int, "cpu_affinity": list}
+              "client": bool, "remove_tap": bool, "busy_poll_us": int, "cpu_affinity": list, "tap_io": str,
+              "tx_copy_max": int}
 _ACCESS_KEYS = ("socket_owner", "socket_group", "socket_mode")
 
 

@@ -17,18 +17,6 @@ except ImportError as exc:  # pragma: no cover - a broken install, reported clea
         f"(or `python vhostd/_build_ffi.py` for development): {exc}"
     ) from exc
 
-# VHOSTD_TAP_IO=syscall: one readv/writev per frame even where io_uring works
-# (comparisons, or a kernel whose io_uring misbehaves). Read once, at import.
-if os.environ.get("VHOSTD_TAP_IO") == "syscall":
-    lib.vr_set_io_uring(0)
-
-# VHOSTD_TX_COPY_MAX=N (0..512): TX frames of at most N bytes (vnet header
-# included) are copied and written as one buffer; 0 = always zero copy. Default
-# 512 (docs/perf-changes.md §9). For comparisons; read once, at import.
-if os.environ.get("VHOSTD_TX_COPY_MAX", "").isdigit():
-    if lib.vr_set_tx_copy_max(int(os.environ["VHOSTD_TX_COPY_MAX"])) < 0:
-        raise ImportError(f"VHOSTD_TX_COPY_MAX={os.environ['VHOSTD_TX_COPY_MAX']}: at most 512")
-
 RX = lib.VR_RX
 TX = lib.VR_TX
 
@@ -57,18 +45,18 @@ def io_mode_line(qps) -> str:
         return "TAP I/O: io_uring (one io_uring_enter per TX burst)"
     errs = {lib.vr_qp_io_error(qp.ptr) for qp in qps} - {0}
     why = (f"io_uring unavailable: {', '.join(sorted(os.strerror(e) for e in errs))}" if errs
-           else "VHOSTD_TAP_IO=syscall" if os.environ.get("VHOSTD_TAP_IO") == "syscall" else "io_uring not used")
+           else "tap_io = syscall")
     mixed = " for some queue pairs" if lib.VR_IO_URING in modes else ""
     return f"TAP I/O: readv/writev, one syscall per frame{mixed} ({why})"
 
 
-def configure_workers(qps, busy_poll_us: int, cpus: tuple[int, ...]) -> None:
-    """Busy-poll window and CPU placement of each queue pair's worker
-    (queue pair i on cpus[i % len(cpus)]). Raises SetupError."""
+def configure_workers(qps, busy_poll_us: int, cpus: tuple[int, ...], tx_copy_max: int) -> None:
+    """Busy-poll window, TX copy threshold and CPU placement of each queue pair's
+    worker (queue pair i on cpus[i % len(cpus)]). Raises SetupError."""
     for qp in qps:
-        if busy_poll_us:
-            with qp.paused():
-                check(lib.vr_qp_set_busy_poll(qp.ptr, busy_poll_us), f"busy poll {busy_poll_us} us")
+        with qp.paused():
+            check(lib.vr_qp_set_busy_poll(qp.ptr, busy_poll_us), f"busy poll {busy_poll_us} us")
+            check(lib.vr_qp_set_tx_copy_max(qp.ptr, tx_copy_max), f"tx copy max {tx_copy_max}")
         if cpus:
             cpu = cpus[qp.index % len(cpus)]
             rc = lib.vr_qp_set_cpu(qp.ptr, cpu)

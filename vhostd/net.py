@@ -150,9 +150,9 @@ def pause(qp: "QueuePair") -> None:
 class QueuePair:
     """One C worker and its two vrings' datapath state."""
 
-    def __init__(self, index: int, mem: GuestMemory, tap_fd: int):
+    def __init__(self, index: int, mem: GuestMemory, tap_fd: int, io_mode: int):
         self.index = index
-        ptr = lib.vr_qp_new(mem.table, tap_fd)
+        ptr = lib.vr_qp_new(mem.table, tap_fd, io_mode)
         if ptr == ffi.NULL:
             raise SetupError(f"queue pair {index}: cannot start worker: {os.strerror(ffi.errno)}")
         self.ptr = ptr
@@ -246,7 +246,8 @@ def stuck_count() -> int:
 class NetDevice:
     """A port's virtio-net device: lives as long as the port, across frontends."""
 
-    def __init__(self, port: str, tap: taplib.Tap, queue_pairs: int, mtu: int, mtu_configured: bool = False):
+    def __init__(self, port: str, tap: taplib.Tap, queue_pairs: int, mtu: int, mtu_configured: bool = False,
+                 tap_io: str = "auto"):
         self.port = port
         self.tap = tap
         self.queue_pairs = queue_pairs
@@ -259,8 +260,9 @@ class NetDevice:
         self._attached = [True] * queue_pairs
         self._held: list[OwnedFd] = []   # vring fds a stuck worker may still use
         try:
+            io_mode = lib.VR_IO_SYSCALL if tap_io == "syscall" else lib.VR_IO_URING
             for i in range(queue_pairs):
-                self.qps.append(QueuePair(i, self.mem, tap.fds[i].fd))
+                self.qps.append(QueuePair(i, self.mem, tap.fds[i].fd, io_mode))
             self.set_mtu(mtu)
         except BaseException:
             self.close()

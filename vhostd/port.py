@@ -138,12 +138,13 @@ class Port:
         tap = await asyncio.to_thread(taplib.open_tap, c.tap, c.netns, c.queues)
         try:
             mtu = await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
-            self.device = NetDevice(self.name, tap, c.queues, mtu, mtu_configured=c.mtu is not None)
+            self.device = NetDevice(self.name, tap, c.queues, mtu, mtu_configured=c.mtu is not None,
+                                    tap_io=c.tap_io)
         except BaseException:
             tap.close(remove=tap.created)  # a TAP this failed attempt created goes again
             raise
         try:
-            native.configure_workers(self.device.qps, c.busy_poll_us, c.cpu_affinity)
+            native.configure_workers(self.device.qps, c.busy_poll_us, c.cpu_affinity, c.tx_copy_max)
         except BaseException:
             self.device.close()
             self.device = None

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Guest-to-TAP with 64 KB TSO frames on one queue pair, for docs/perf-changes.md.
+"""Guest-to-TAP with 64 KB TSO frames on one queue pair, for docs/notes/perf-changes.md.
 
     python3 scripts/bench/gso_tx.py [--seconds 5] [--size 65000] [--syscall] [--cpu 1]
 
@@ -66,8 +66,6 @@ def main() -> int:
     ap.add_argument("--syscall", action="store_true", help="readv/writev mode instead of io_uring")
     ap.add_argument("--cpu", type=int, default=None, help="pin the worker to this CPU")
     args = ap.parse_args()
-    if args.syscall:
-        lib.vr_set_io_uring(0)
     ns = f"gso-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     tap = None
@@ -87,7 +85,7 @@ def main() -> int:
             r.gpa, r.uva, r.size, r.hva = gpa, uva, size, a[0] + off
         cmem.nregions = len(maps)
         before = set(os.listdir("/proc/self/task"))
-        qp = lib.vr_qp_new(cmem, tap.fds[0].fd)
+        qp = lib.vr_qp_new(cmem, tap.fds[0].fd, lib.VR_IO_SYSCALL if args.syscall else lib.VR_IO_URING)
         assert qp != ffi.NULL
         worker = int((set(os.listdir("/proc/self/task")) - before).pop())
         if args.cpu is not None:

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""A/B of vhostd builds (and DPDK) with scripts/bench.py's harness, for docs/perf-changes.md.
+"""A/B of vhostd builds (and DPDK) with scripts/bench.py's harness, for docs/notes/perf-changes.md.
 
     python3 scripts/bench/perf_ab.py --variant base=/tmp/snap-base \\
-        --variant new=/tmp/snap-new --variant new-sys=/tmp/snap-new:VHOSTD_TAP_IO=syscall \\
+        --variant new=/tmp/snap-new --variant new-sys=/tmp/snap-new:--tap-io=syscall \\
         [--dpdk] [--dirs tx] [--sizes 64] [--reps 4] [--seconds 5]
 
 Each variant is a source tree with its C extension built (e.g. `git archive REV |
 tar -x -C DIR && cd DIR && python3 vhostd/_build_ffi.py`) plus optional
-environment settings; vhostd is started from that tree (`env -C DIR python3 -m
+settings after the colon, comma separated: K=V environment variables (for old
+trees) or --options given to that variant's vhostd; vhostd is started from that tree (`env -C DIR python3 -m
 vhostd ...`), so editing the working tree during a run changes nothing. Every
 repetition measures every variant once, in a rotating order; the summary gives
 per variant the median rate, the median backend CPU microseconds per packet and
@@ -38,11 +39,14 @@ class ABBench(bench.Bench):
     def start_backend(self, kind, sock):
         if kind == "dpdk":
             return super().start_backend(kind, sock)
-        tree, env = self.variants[kind]
+        tree, settings = self.variants[kind]
+        env = [e for e in settings if not e.startswith("--")]
+        opts = [e for e in settings if e.startswith("--")]
         self.seq += 1
         tap, ctl = f"vhbv{self.seq}", os.path.join(self.tmp, f"ctl{self.seq}")
         argv = ["taskset", "-c", str(bench.BACKEND_CPU), "env", "-C", tree, *env, sys.executable, "-m", "vhostd",
-                "--socket", sock, "--tap", tap, "--netns", self.ns, "--control", ctl, *self.args.vhostd_arg]
+                "--socket", sock, "--tap", tap, "--netns", self.ns, "--control", ctl, *opts,
+                *self.args.vhostd_arg]
         p = self.start(f"vhostd-{kind}", argv)
         deadline = bench.time.monotonic() + 30
         while not (os.path.exists(sock) and self.tap_exists(tap)):
@@ -57,7 +61,7 @@ class ABBench(bench.Bench):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", action="append", required=True, metavar="NAME=DIR[:K=V,...]")
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME=DIR[:K=V|--opt=V,...]")
     ap.add_argument("--dpdk", action="store_true", help="measure DPDK's forwarder as one more variant")
     ap.add_argument("--dirs", default="tx")
     ap.add_argument("--sizes", default="64")

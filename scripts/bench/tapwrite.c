@@ -1,5 +1,5 @@
 /*
- * tapwrite — the raw TAP write ceiling on this kernel, for docs/perf-changes.md.
+ * tapwrite — the raw TAP write ceiling on this kernel, for docs/notes/perf-changes.md.
  *
  * Writes 64-byte (or -s SIZE) Ethernet frames with a 12-byte vnet header into a
  * TAP as fast as one thread can, the way vhostd's TX does, and prints frames per

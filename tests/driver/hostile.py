@@ -1,6 +1,6 @@
 """Ring corruptions a hostile guest can make, laid out in guest memory by the
-split and packed ring drivers (virtio 1.1 §2.6 and §2.7; shared/REFERENCE.md
-hardening items 2-6).
+split and packed ring drivers (virtio 1.1 §2.6 and §2.7): untrusted addresses
+and lengths, bounded chain walks, indirect tables, fields read once, short chains.
 
 Each Corruption posts (but does not publish) one bad chain or index on a ring
 and says what the device must do with it: stop the ring with a reason

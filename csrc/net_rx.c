@@ -80,8 +80,10 @@ static void vr_stash_compact(struct vr_qp *qp)
     unsigned f = qp->stash_first, n = qp->stash_count;
     unsigned iov0 = n ? qp->rx_stash[f].iov_first : qp->stash_iov_end;
 
-    if (iov0)
+    if (iov0) {
         memmove(qp->rx_iov, qp->rx_iov + iov0, (qp->stash_iov_end - iov0) * sizeof(struct iovec));
+        memmove(qp->rx_gpa, qp->rx_gpa + iov0, (qp->stash_iov_end - iov0) * sizeof(uint64_t));
+    }
     if (f)
         memmove(qp->rx_stash, qp->rx_stash + f, n * sizeof(struct vr_chain));
     for (unsigned k = 0; k < n; k++)
@@ -121,7 +123,8 @@ static int vr_stash_fill(struct vr_qp *qp, struct vr_vq *vq, bool mrg)
                 break;                  /* iovecs exhausted: read with what we hold */
             vr_stash_compact(qp);
         }
-        r = vr_vq_pop(qp, vq, qp->rx_iov + qp->stash_iov_end, VR_MAX_IOV - qp->stash_iov_end, &c);
+        r = vr_vq_pop(qp, vq, qp->rx_iov + qp->stash_iov_end, qp->rx_gpa + qp->stash_iov_end,
+                      VR_MAX_IOV - qp->stash_iov_end, &c);
         if (r == VR_POP_NOSPACE) {
             if (qp->stash_count == 0 && qp->stash_iov_end == 0) {
                 vr_vq_set_broken(qp, vq, VR_BROKEN_DESC, c.head);  /* > VR_MAX_IOV segments */
@@ -152,6 +155,17 @@ static int vr_stash_fill(struct vr_qp *qp, struct vr_vq *vq, bool mrg)
     return qp->stash_count ? 1 : 0;
 }
 
+/* Dirty log: the `got` bytes the kernel and num_buffers wrote from iovec `k` on. */
+static void vr_rx_log(struct vr_qp *qp, unsigned k, uint64_t got)
+{
+    for (; got && k < qp->stash_iov_end; k++) {
+        uint64_t n = qp->rx_iov[k].iov_len < got ? qp->rx_iov[k].iov_len : got;
+
+        vr_log_write(qp, qp->rx_gpa[k], n);
+        got -= n;
+    }
+}
+
 /*
  * Publishes a frame of `got` bytes read into the stash: used entries for the
  * chains it filled (in order, each with its own length), num_buffers first.
@@ -176,10 +190,12 @@ static void vr_rx_complete(struct vr_qp *qp, struct vr_vq *vq, uint64_t got)
         vr_iov_copy_in(qp->rx_iov + first->iov_first, qp->stash_iov_end - first->iov_first,
                        10, &nb, sizeof(nb));
     }
+    if (qp->log_on)
+        vr_rx_log(qp, first->iov_first, got);   /* header, num_buffers and payload */
     for (unsigned k = 0; k < used; k++) {
         uint64_t l = first[k].in_len < rest ? first[k].in_len : rest;
 
-        vr_vq_push(vq, &first[k], (uint32_t)l);
+        vr_vq_push(qp, vq, &first[k], (uint32_t)l);
         rest -= l;
         qp->stash_bytes -= first[k].in_len;
     }
@@ -264,6 +280,7 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
     }
     vr_stash_return(qp, vq);
     vr_vq_flush(qp, vq);
+    vr_log_flush(qp);
     vr_hist_add(&vq->stats, n);
     return state;
 }

@@ -323,7 +323,7 @@ static void vr_tx_complete_batch(struct vr_qp *qp, struct vr_vq *vq, unsigned n)
                 s->res = (int32_t)vr_tx_write_now(qp, s, qp->tx_bounce[k]);
             vr_tx_account(vq, s, s->res);
         }
-        vr_vq_push(vq, &s->c, 0);
+        vr_vq_push(qp, vq, &s->c, 0);
     }
 }
 
@@ -351,7 +351,7 @@ bool vr_tx_process(struct vr_qp *qp)
             nslot = iov_used = 0;
             continue;
         }
-        r = vr_vq_pop(qp, vq, iov + 1, VR_MAX_IOV - iov_used - 1, &s->c);
+        r = vr_vq_pop(qp, vq, iov + 1, NULL, VR_MAX_IOV - iov_used - 1, &s->c);
         if (r == VR_POP_NOSPACE && nslot) {
             /* The batch holds the iovecs this chain needs: send it first. */
             vr_tx_complete_batch(qp, vq, nslot);
@@ -386,7 +386,7 @@ bool vr_tx_process(struct vr_qp *qp)
             /* Syscall mode: one write(v) per frame, the chain used right after it. */
             if (s->send)
                 vr_tx_account(vq, s, vr_tx_write_now(qp, s, qp->tx_bounce[0]));
-            vr_vq_push(vq, &s->c, 0);
+            vr_vq_push(qp, vq, &s->c, 0);
             continue;
         }
         if (s->send && s->copied) {
@@ -404,6 +404,7 @@ bool vr_tx_process(struct vr_qp *qp)
     if (nslot)
         vr_tx_complete_batch(qp, vq, nslot);
     vr_vq_flush(qp, vq);
+    vr_log_flush(qp);                   /* TX buffers are only read: only ring writes are marked */
     vr_hist_add(&vq->stats, n);
     return more;
 }

@@ -328,6 +328,7 @@ int vr_qp_set_features(struct vr_qp *qp, uint64_t features, uint32_t vnet_hdr_le
     ops = vr_ops_for(features);
     qp->features = features;
     qp->vnet_hdr_len = vnet_hdr_len;
+    qp->log_on = qp->log && ((features >> VR_F_LOG_ALL) & 1);
     vr_qp_update_rx_need(qp);
     for (int w = 0; w < 2; w++) {
         struct vr_vq *vq = &qp->vq[w];
@@ -499,6 +500,36 @@ int vr_qp_set_tx_copy_max(struct vr_qp *qp, uint32_t bytes)
         return -EINVAL;
     qp->tx_copy_max = bytes;
     return 0;
+}
+
+int vr_qp_set_log(struct vr_qp *qp, uint64_t log, uint64_t words)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    if ((log && !words) || (log & 7))
+        return -EINVAL;
+    qp->log_cache_n = 0;                /* empty while parked: every burst flushes it */
+    qp->log = (volatile uint64_t *)(uintptr_t)log;
+    qp->log_words = log ? words : 0;
+    qp->log_on = qp->log && vr_has_feature(qp, VR_F_LOG_ALL);
+    return 0;
+}
+
+int vr_qp_set_log_addr(struct vr_qp *qp, int which, int log, uint64_t log_guest_addr)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    qp->vq[which].log_addr_set = log != 0;
+    qp->vq[which].log_guest_addr = log ? log_guest_addr : 0;
+    return 0;
+}
+
+uint64_t vr_qp_log_marks(struct vr_qp *qp)
+{
+    return qp ? __atomic_load_n(&qp->log_marks, __ATOMIC_RELAXED) : 0;
+}
+
+uint64_t vr_qp_log_overflow(struct vr_qp *qp)
+{
+    return qp ? __atomic_load_n(&qp->log_overflow, __ATOMIC_RELAXED) : 0;
 }
 
 int vr_qp_set_busy_poll(struct vr_qp *qp, uint32_t usecs)

@@ -60,6 +60,7 @@
 #define VR_F_HOST_ECN 13
 #define VR_F_HOST_UFO 14
 #define VR_F_MRG_RXBUF 15
+#define VR_F_LOG_ALL 26         /* VHOST_F_LOG_ALL: mark written pages in the dirty log */
 #define VR_F_INDIRECT_DESC 28
 #define VR_F_EVENT_IDX 29
 #define VR_F_VERSION_1 32
@@ -217,6 +218,28 @@ int vr_qp_set_enabled(struct vr_qp *qp, int which, int enabled);
  * successful call. Paused only.
  */
 int vr_qp_map(struct vr_qp *qp);
+
+/*
+ * Dirty-page log (vhost-user spec "Migration", SET_LOG_BASE): `log` is the host
+ * address of the frontend's bitmap as the control plane mapped it, `words` its
+ * size in u64 words (bit p % 64 of word p / 64 stands for the 4 KiB guest-
+ * physical page p). While a log is set and the features include VR_F_LOG_ALL,
+ * the worker marks every guest page it writes: RX buffer bytes, used-ring /
+ * descriptor write-backs and event fields. Marks beyond `words` are dropped and
+ * counted. log 0: none. Paused only (a new log replaces the old one between
+ * bursts, and a parked worker holds no unlogged write).
+ */
+int vr_qp_set_log(struct vr_qp *qp, uint64_t log, uint64_t words);
+
+/* SET_VRING_ADDR's VHOST_VRING_F_LOG: the split used ring's writes are logged
+ * at guest-physical log_guest_addr (log 0: at the address translated from the
+ * ring's own, which is also what packed rings use). Paused only. */
+int vr_qp_set_log_addr(struct vr_qp *qp, int which, int log, uint64_t log_guest_addr);
+
+/* Pages whose bit this queue pair turned on in the dirty log, and marks dropped
+ * because they fell beyond its end, since the qp was created. Readable any time. */
+uint64_t vr_qp_log_marks(struct vr_qp *qp);
+uint64_t vr_qp_log_overflow(struct vr_qp *qp);
 
 /* Counters of vq `which`; valid for the qp's lifetime. Readable any time. */
 const struct vr_vq_stats *vr_qp_stats(struct vr_qp *qp, int which);

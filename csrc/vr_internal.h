@@ -164,6 +164,21 @@ static inline void *vr_xlate(const struct vr_mem *mem, int space, uint64_t addr,
     return NULL;
 }
 
+/* Guest-physical address of frontend virtual address `uva` (control path only:
+ * ring addresses at map time, so that log marks need no lookup); 0 if unmapped. */
+static inline uint64_t vr_uva_to_gpa(const struct vr_mem *mem, uint64_t uva)
+{
+    uint32_t n = mem->nregions < VR_MAX_REGIONS ? mem->nregions : VR_MAX_REGIONS;
+
+    for (uint32_t i = 0; i < n; i++) {
+        const struct vr_region *r = &mem->regions[i];
+
+        if (uva >= r->uva && uva - r->uva < r->size)
+            return r->gpa + (uva - r->uva);
+    }
+    return 0;
+}
+
 /*
  * Host pointer for a ring part (desc table, avail/used ring, event structures) at
  * frontend virtual address `uva`: it must lie entirely in one region and be aligned
@@ -181,11 +196,12 @@ static inline void *vr_map_ring_part(const struct vr_mem *mem, uint64_t uva, uin
 
 /*
  * Appends the guest range [addr, addr+len) to iov[*niov..max), one iovec per
- * region it crosses. 0, -EFAULT (some byte unmapped or the range wraps), or
- * -ENOBUFS (more than `max` iovecs).
+ * region it crosses; gpa (if not NULL) gets each iovec's guest-physical address
+ * at the same index, for the dirty log (no reverse lookup later). 0, -EFAULT
+ * (some byte unmapped or the range wraps), or -ENOBUFS (more than `max` iovecs).
  */
 static inline int vr_gather(const struct vr_mem *mem, uint64_t addr, uint64_t len,
-                            struct iovec *iov, unsigned *niov, unsigned max)
+                            struct iovec *iov, uint64_t *gpa, unsigned *niov, unsigned max)
 {
     while (len) {
         uint64_t l = len;
@@ -197,6 +213,8 @@ static inline int vr_gather(const struct vr_mem *mem, uint64_t addr, uint64_t le
             return -ENOBUFS;
         iov[*niov].iov_base = p;
         iov[*niov].iov_len = (size_t)l;
+        if (gpa)
+            gpa[*niov] = addr;
         (*niov)++;
         len -= l;
         if (len && addr + l < addr)
@@ -222,6 +240,13 @@ struct vr_vq {
     int kick_fd, call_fd, err_fd;
     bool started, enabled;
     const struct vr_ring_ops *ops;      /* split or packed, from the features */
+
+    /* dirty log (VHOST_VRING_F_LOG): where the device's ring writes land in
+     * guest-physical space, fixed by vr_qp_map() / vr_qp_set_log_addr() */
+    bool log_addr_set;                  /* SET_VRING_ADDR carried VHOST_VRING_F_LOG */
+    uint64_t log_guest_addr;            /* its log_guest_addr: split used ring's gpa */
+    uint64_t used_gpa;                  /* split: used ring; packed: device event area */
+    uint64_t desc_gpa;                  /* packed: descriptor ring (written back) */
 
     /* rings as mapped by vr_qp_map() (host pointers into guest memory) */
     bool mapped;
@@ -272,10 +297,10 @@ struct vr_chain {
  */
 struct vr_ring_ops {
     int (*map)(const struct vr_mem *mem, struct vr_vq *vq);
-    int (*pop)(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
+    int (*pop)(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, uint64_t *gpa, unsigned max_iov,
                struct vr_chain *c);
     void (*rewind)(struct vr_vq *vq, const struct vr_chain *c);
-    void (*push)(struct vr_vq *vq, const struct vr_chain *c, uint32_t len);
+    void (*push)(struct vr_qp *qp, struct vr_vq *vq, const struct vr_chain *c, uint32_t len);
     void (*flush)(struct vr_qp *qp, struct vr_vq *vq);
     void (*disable_notify)(struct vr_qp *qp, struct vr_vq *vq);
     bool (*enable_notify)(struct vr_qp *qp, struct vr_vq *vq);
@@ -285,6 +310,7 @@ struct vr_ring_ops {
 };
 
 #define VR_BURST 128                    /* chains per burst before publish + call */
+#define VR_LOG_CACHE 32                 /* log words gathered per burst before the atomic ORs */
 
 /*
  * TX bounce buffers: a frame (vnet header + packet) of at most tx_copy_max bytes
@@ -350,10 +376,20 @@ struct vr_qp {
     uint32_t mtu;                       /* vr_qp_set_mtu(); 1500 by default */
     uint32_t rx_need;                   /* MRG_RXBUF: bytes of buffers to gather per frame */
 
+    /* Dirty-page log (live migration): see "dirty log" below. */
+    volatile uint64_t *log;             /* the frontend's bitmap, mapped; NULL: none */
+    uint64_t log_words;                 /* its size in u64 words */
+    bool log_on;                        /* log set and VHOST_F_LOG_ALL negotiated */
+    unsigned log_cache_n;
+    struct { uint64_t word, bits; } log_cache[VR_LOG_CACHE];
+    uint64_t log_marks;                 /* pages whose bit this qp turned on */
+    uint64_t log_overflow;              /* marks beyond the log's end (dropped) */
+
     /* per-qp scratch: no allocation per packet */
     struct iovec tx_iov[VR_MAX_IOV];
     struct vr_tx_slot tx_slot[VR_BURST];
     struct iovec rx_iov[VR_MAX_IOV];
+    uint64_t rx_gpa[VR_MAX_IOV];        /* guest-physical address of each rx_iov, for the log */
     /* RX: chains popped but not yet used, rx_stash[stash_first..+stash_count); their
      * iovecs are rx_iov[rx_stash[stash_first].iov_first .. stash_iov_end). Given
      * back (rewound) at the end of every burst, so it is empty while parked. */
@@ -439,11 +475,94 @@ static inline void vr_vq_call(struct vr_qp *qp, struct vr_vq *vq)
         vr_vq_set_broken(qp, vq, VR_BROKEN_NOTIFY, VR_NOTIFY_CALL);
 }
 
+/* ----------------------------------------------------------------- dirty log */
+
+/*
+ * vhost-user spec, "Migration": while VHOST_F_LOG_ALL is negotiated, every guest
+ * page the device writes is marked in the frontend's bitmap, 1 bit per 4 KiB
+ * guest-physical page (bit p % 64 of u64 word p / 64). The frontend reads and
+ * clears words concurrently (atomic exchange), so a mark is an atomic OR, and it
+ * comes after the write it covers: a page harvested between the write and the
+ * mark is marked again and copied again. Marks are gathered per burst in
+ * log_cache (few distinct words: rings and buffers are local) and ORed into
+ * the bitmap by vr_log_flush() after a release fence, at the end of every burst,
+ * so a parked worker holds no unlogged write (GET_VRING_BASE relies on that).
+ */
+#define VR_LOG_PAGE_SHIFT 12
+
+static inline void vr_log_flush(struct vr_qp *qp)
+{
+    unsigned n = qp->log_cache_n;
+
+    if (!n)
+        return;
+    /* release: the guest-memory writes the marks cover are visible first. */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    for (unsigned k = 0; k < n; k++) {
+        uint64_t old = __atomic_fetch_or(&qp->log[qp->log_cache[k].word], qp->log_cache[k].bits,
+                                         __ATOMIC_RELAXED);
+
+        qp->log_marks += (uint64_t)__builtin_popcountll(qp->log_cache[k].bits & ~old);
+    }
+    qp->log_cache_n = 0;
+}
+
+static inline void vr_log_word(struct vr_qp *qp, uint64_t word, uint64_t bits)
+{
+    unsigned n = qp->log_cache_n;
+
+    if (word >= qp->log_words) {        /* beyond the log the frontend sized for its memory */
+        qp->log_overflow++;
+        return;
+    }
+    for (unsigned k = n; k-- > 0;) {    /* the latest words are the likeliest */
+        if (qp->log_cache[k].word == word) {
+            qp->log_cache[k].bits |= bits;
+            return;
+        }
+    }
+    if (n == VR_LOG_CACHE) {
+        vr_log_flush(qp);
+        n = 0;
+    }
+    qp->log_cache[n].word = word;
+    qp->log_cache[n].bits = bits;
+    qp->log_cache_n = n + 1;
+}
+
+/* Marks the pages of guest-physical range [gpa, gpa+len) written (len > 0). */
+static inline void vr_log_write(struct vr_qp *qp, uint64_t gpa, uint64_t len)
+{
+    uint64_t page, last;
+
+    if (!qp->log_on || !len)
+        return;
+    page = gpa >> VR_LOG_PAGE_SHIFT;
+    last = (gpa + len - 1 < gpa ? UINT64_MAX : gpa + len - 1) >> VR_LOG_PAGE_SHIFT;
+    while (page <= last) {
+        uint64_t word = page >> 6, bits = 0;
+
+        do {
+            bits |= 1ull << (page & 63);
+        } while (page++ < last && (page & 63));
+        vr_log_word(qp, word, bits);
+        if (page == 0)                  /* wrapped at the top of the address space */
+            break;
+    }
+}
+
+/* A write of len bytes at offset off of the split used ring / packed device area. */
+static inline void vr_log_used(struct vr_qp *qp, const struct vr_vq *vq, uint64_t off, uint64_t len)
+{
+    if (qp->log_on)
+        vr_log_write(qp, (vq->log_addr_set ? vq->log_guest_addr : vq->used_gpa) + off, len);
+}
+
 /* The ring-kind dispatch: one indirect call, the kind chosen once per vq. */
-static inline int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
+static inline int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, uint64_t *gpa,
                             unsigned max_iov, struct vr_chain *c)
 {
-    return vq->ops->pop(qp, vq, iov, max_iov, c);
+    return vq->ops->pop(qp, vq, iov, gpa, max_iov, c);
 }
 
 static inline void vr_vq_rewind(struct vr_vq *vq, const struct vr_chain *c)
@@ -451,9 +570,9 @@ static inline void vr_vq_rewind(struct vr_vq *vq, const struct vr_chain *c)
     vq->ops->rewind(vq, c);
 }
 
-static inline void vr_vq_push(struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
+static inline void vr_vq_push(struct vr_qp *qp, struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
 {
-    vq->ops->push(vq, c, len);
+    vq->ops->push(qp, vq, c, len);
 }
 
 static inline void vr_vq_flush(struct vr_qp *qp, struct vr_vq *vq)

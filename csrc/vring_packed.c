@@ -7,7 +7,9 @@
  * popping an available chain (direct, or one indirect table, §2.7.5), writing used
  * descriptors back in place (§2.7.8), event suppression in both directions
  * (ENABLE / DISABLE / DESC with EVENT_IDX, §2.7.10, §2.7.14), and the vhost-user
- * SET/GET_VRING_BASE encoding of the positions and wrap counters.
+ * SET/GET_VRING_BASE encoding of the positions and wrap counters. With the
+ * dirty log on, every descriptor written back and every device-area write is
+ * marked (vr_log_write / vr_log_used, vhost-user "Migration").
  *
  * Positions are slots 0..num-1 plus a wrap counter (num need not be a power of
  * two). A descriptor is available when its AVAIL bit equals our avail wrap counter
@@ -102,6 +104,8 @@ static int vr_packed_map(const struct vr_mem *mem, struct vr_vq *vq)
     vq->pdesc = d;
     vq->driver_event = drv;
     vq->device_event = dev;
+    vq->desc_gpa = vr_uva_to_gpa(mem, vq->desc_uva);
+    vq->used_gpa = vr_uva_to_gpa(mem, vq->used_uva);
     vq->device_event_flags = 0xffff;    /* unknown: the next notify change writes */
     vq->mapped = true;
     return 0;
@@ -161,7 +165,7 @@ static inline void vr_read_pdesc(const volatile struct vring_packed_desc *p,
 
 /* Appends one buffer to the chain: 0, a VR_BROKEN_* reason (> 0) or VR_POP_NOSPACE. */
 static inline int vr_add_buf(struct vr_qp *qp, const struct vring_packed_desc *d, bool write,
-                             struct iovec *iov, unsigned max_iov, struct vr_chain *c)
+                             struct iovec *iov, uint64_t *gpa, unsigned max_iov, struct vr_chain *c)
 {
     int r;
 
@@ -172,7 +176,7 @@ static inline int vr_add_buf(struct vr_qp *qp, const struct vring_packed_desc *d
             return VR_BROKEN_DESC;
         c->out_len += d->len;
     }
-    r = vr_gather(qp->mem, d->addr, d->len, iov, &c->niov, max_iov);
+    r = vr_gather(qp->mem, d->addr, d->len, iov, gpa, &c->niov, max_iov);
     if (r == -ENOBUFS)
         return VR_POP_NOSPACE;
     if (r)
@@ -184,7 +188,7 @@ static inline int vr_add_buf(struct vr_qp *qp, const struct vring_packed_desc *d
 
 /* The buffers of one indirect table (§2.7.5: sequential, only WRITE is meaningful). */
 static int vr_walk_indirect(struct vr_qp *qp, struct vr_vq *vq, const struct vring_packed_desc *d,
-                            struct iovec *iov, unsigned max_iov, struct vr_chain *c)
+                            struct iovec *iov, uint64_t *gpa, unsigned max_iov, struct vr_chain *c)
 {
     const volatile struct vring_packed_desc *table;
     uint64_t l = d->len;
@@ -209,7 +213,7 @@ static int vr_walk_indirect(struct vr_qp *qp, struct vr_vq *vq, const struct vri
         vr_read_pdesc(&table[k], &e);
         if (fl & VRING_DESC_F_INDIRECT)
             return VR_BROKEN_INDIRECT;  /* no nesting */
-        r = vr_add_buf(qp, &e, fl & VRING_DESC_F_WRITE, iov, max_iov, c);
+        r = vr_add_buf(qp, &e, fl & VRING_DESC_F_WRITE, iov, gpa, max_iov, c);
         if (r)
             return r == VR_BROKEN_DESC ? VR_BROKEN_INDIRECT : r;
     }
@@ -221,8 +225,8 @@ static int vr_walk_indirect(struct vr_qp *qp, struct vr_vq *vq, const struct vri
  * buffer id comes from the chain's last descriptor (§2.7.6); an indirect
  * descriptor must stand alone (no NEXT, not inside a chain).
  */
-static int vr_packed_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
-                         struct vr_chain *c)
+static int vr_packed_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, uint64_t *gpa,
+                         unsigned max_iov, struct vr_chain *c)
 {
     const uint32_t num = vq->num;
     uint16_t slot = vq->last_avail_idx, flags;
@@ -258,9 +262,9 @@ static int vr_packed_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, 
                 r = vr_has_feature(qp, VR_F_INDIRECT_DESC) ? VR_BROKEN_INDIRECT : VR_BROKEN_DESC;
                 break;
             }
-            r = vr_walk_indirect(qp, vq, &d, iov, max_iov, c);
+            r = vr_walk_indirect(qp, vq, &d, iov, gpa, max_iov, c);
         } else {
-            r = vr_add_buf(qp, &d, flags & VRING_DESC_F_WRITE, iov, max_iov, c);
+            r = vr_add_buf(qp, &d, flags & VRING_DESC_F_WRITE, iov, gpa, max_iov, c);
         }
         if (r)
             break;
@@ -296,7 +300,7 @@ static void vr_packed_rewind(struct vr_vq *vq, const struct vr_chain *c)
  * the whole batch at once; later ones are flagged right away (the driver cannot
  * reach them before the first).
  */
-static void vr_packed_push(struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
+static void vr_packed_push(struct vr_qp *qp, struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
 {
     volatile struct vring_packed_desc *d = &vq->pdesc[vq->used_idx];
     uint16_t flags = vq->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
@@ -314,6 +318,10 @@ static void vr_packed_push(struct vr_vq *vq, const struct vr_chain *c, uint32_t 
         vr_release_before_used_idx();
         vr_st16(&d->flags, flags);
     }
+    /* The whole descriptor is logged now; the batch's first gets its flags at flush,
+     * before the burst's marks reach the log (vr_log_flush). */
+    if (qp->log_on)
+        vr_log_write(qp, vq->desc_gpa + 16ull * vq->used_idx, 16);
     vq->used_since_signal += c->ndesc;
     vq->used_idx += c->ndesc;           /* ndesc <= num, so one wrap at most */
     if (vq->used_idx >= vq->num) {
@@ -347,6 +355,10 @@ static void vr_packed_flush(struct vr_qp *qp, struct vr_vq *vq)
     /* release: every id/len of the batch before the first descriptor's flags. */
     vr_release_before_used_idx();
     vr_st16(&vq->pdesc[vq->pending_slot].flags, vq->pending_flags);
+    /* Marked again after this store: push() marked it before the flags were written,
+     * and a full log cache may have reached the log in between. */
+    if (qp->log_on)
+        vr_log_write(qp, vq->desc_gpa + 16ull * vq->pending_slot, 16);
     vq->used_pending = false;
     /* seq_cst: the flags store must be ordered before reading the driver's event area. */
     vr_full_fence();
@@ -369,10 +381,11 @@ static void vr_packed_flush(struct vr_qp *qp, struct vr_vq *vq)
         vr_vq_call(qp, vq);
 }
 
-static inline void vr_set_device_event(struct vr_vq *vq, uint16_t flags)
+static inline void vr_set_device_event(struct vr_qp *qp, struct vr_vq *vq, uint16_t flags)
 {
     if (vq->device_event_flags != flags) {
         vr_st16(&vq->device_event->flags, flags);
+        vr_log_used(qp, vq, 2, 2);
         vq->device_event_flags = flags;
     }
 }
@@ -380,7 +393,7 @@ static inline void vr_set_device_event(struct vr_vq *vq, uint16_t flags)
 /* Ask the driver not to kick while we drain (§2.7.10). */
 static void vr_packed_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
 {
-    vr_set_device_event(vq, VRING_PACKED_EVENT_FLAG_DISABLE);
+    vr_set_device_event(qp, vq, VRING_PACKED_EVENT_FLAG_DISABLE);
 }
 
 /*
@@ -395,9 +408,10 @@ static bool vr_packed_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
         /* release: off_wrap is in place before the flags that make the driver read it. */
         vr_release_before_used_idx();
         vr_st16(&vq->device_event->flags, VRING_PACKED_EVENT_FLAG_DESC);
+        vr_log_used(qp, vq, 0, 4);
         vq->device_event_flags = VRING_PACKED_EVENT_FLAG_DESC;
     } else {
-        vr_set_device_event(vq, VRING_PACKED_EVENT_FLAG_ENABLE);
+        vr_set_device_event(qp, vq, VRING_PACKED_EVENT_FLAG_ENABLE);
     }
     /* seq_cst: the request must be visible before we re-read the descriptor flags. */
     vr_full_fence();

@@ -4,6 +4,8 @@
  * Owns: mapping the three ring parts, popping an available chain into iovecs
  * (direct and indirect descriptors, §2.6.5), returning used elements (§2.6.8),
  * and notification suppression in both directions (§2.6.7, §2.6.10, EVENT_IDX).
+ * Every write to the used ring (elements, idx, flags, avail_event) is marked in
+ * the dirty log when logging is on (vr_log_used, vhost-user "Migration").
  *
  * Everything here runs on the worker thread except map, set_base and init_state,
  * which the control plane reaches (through vr_split_ops) while the worker is parked.
@@ -64,6 +66,7 @@ static int vr_split_map(const struct vr_mem *mem, struct vr_vq *vq)
     vq->desc = d;
     vq->avail = a;
     vq->used = u;
+    vq->used_gpa = vr_uva_to_gpa(mem, vq->used_uva);
     vq->mapped = true;
     return 0;
 }
@@ -113,8 +116,8 @@ static inline struct vring_desc vr_read_desc(const volatile struct vring_desc *p
  * and the chain was not consumed), VR_POP_NOSPACE if the chain needs more than
  * `max_iov` iovecs (not consumed; the caller decides whether that is fatal).
  */
-static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, unsigned max_iov,
-              struct vr_chain *c)
+static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, uint64_t *gpa,
+                        unsigned max_iov, struct vr_chain *c)
 {
     const uint16_t num = (uint16_t)vq->num;     /* <= 32768, power of two */
     const uint32_t qsize = vq->num;
@@ -191,7 +194,7 @@ static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, u
                 goto bad;
             c->out_len += d.len;
         }
-        r = vr_gather(qp->mem, d.addr, d.len, iov, &c->niov, max_iov);
+        r = vr_gather(qp->mem, d.addr, d.len, iov, gpa, &c->niov, max_iov);
         if (r == -ENOBUFS)
             return VR_POP_NOSPACE;
         if (r) {
@@ -227,12 +230,14 @@ static void vr_split_rewind(struct vr_vq *vq, const struct vr_chain *c)
     vq->last_avail_idx = (uint16_t)c->pos;
 }
 
-static void vr_split_push(struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
+static void vr_split_push(struct vr_qp *qp, struct vr_vq *vq, const struct vr_chain *c, uint32_t len)
 {
-    volatile struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (vq->num - 1)];
+    const uint32_t slot = vq->used_idx & (vq->num - 1);
+    volatile struct vring_used_elem *e = &vq->used->ring[slot];
 
     e->id = c->head;
     e->len = len;
+    vr_log_used(qp, vq, 4 + 8ull * slot, sizeof(*e));
     vq->used_idx++;
 }
 
@@ -250,6 +255,7 @@ static void vr_split_flush(struct vr_qp *qp, struct vr_vq *vq)
     /* release: used->ring[] entries become visible before the idx that covers them. */
     vr_release_before_used_idx();
     vr_st16(&vq->used->idx, new_idx);
+    vr_log_used(qp, vq, 2, 2);
     vq->published_used_idx = new_idx;
     /* seq_cst: our used->idx store must be ordered before reading used_event/flags. */
     vr_full_fence();
@@ -276,8 +282,10 @@ static void vr_split_flush(struct vr_qp *qp, struct vr_vq *vq)
 static void vr_split_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
 {
     /* With EVENT_IDX a stale avail_event already suppresses kicks; flags must stay 0. */
-    if (!vr_has_feature(qp, VR_F_EVENT_IDX))
+    if (!vr_has_feature(qp, VR_F_EVENT_IDX)) {
         vr_st16(&vq->used->flags, VRING_USED_F_NO_NOTIFY);
+        vr_log_used(qp, vq, 0, 2);
+    }
 }
 
 /*
@@ -287,10 +295,13 @@ static void vr_split_disable_notify(struct vr_qp *qp, struct vr_vq *vq)
  */
 static bool vr_split_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
 {
-    if (vr_has_feature(qp, VR_F_EVENT_IDX))
+    if (vr_has_feature(qp, VR_F_EVENT_IDX)) {
         vr_st16((volatile uint16_t *)&vq->used->ring[vq->num], vq->last_avail_idx); /* avail_event */
-    else
+        vr_log_used(qp, vq, 4 + 8ull * vq->num, 2);
+    } else {
         vr_st16(&vq->used->flags, 0);
+        vr_log_used(qp, vq, 0, 2);
+    }
     /* seq_cst: the request must be visible before we re-read avail->idx. */
     vr_full_fence();
     return vr_ld16(&vq->avail->idx) != vq->last_avail_idx;

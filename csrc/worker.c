@@ -183,6 +183,7 @@ static void vr_bursts(struct vr_qp *qp, bool *tx_more, bool *rx_more)
         vr_fault_jmp = NULL;
         vr_rx_stash_forget(qp);
         vr_uring_discard(&qp->ring);
+        vr_log_flush(qp);               /* marks for the writes made before the fault */
         vr_vq_set_broken(qp, &qp->vq[VR_RX], VR_BROKEN_MEMORY, 0);
         vr_vq_set_broken(qp, &qp->vq[VR_TX], VR_BROKEN_MEMORY, 0);
         vr_watch_tap(qp, false);

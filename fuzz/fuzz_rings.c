@@ -40,6 +40,10 @@
  * the epoll loop (kick and TAP watching, resync after resume) at the price of
  * some timing dependence; the parked-ring checks apply the same way.
  *
+ * With FZ_LOG (bit 5 of cfg.rounds) the dirty log is on (VHOST_F_LOG_ALL and a
+ * one-word log covering R0 and R1): marks for R2 must be dropped, none may
+ * land outside the log, and none may wait in the worker's cache while parked.
+ *
  * Beyond the sanitizers, each round checks the invariant every parked ring
  * must satisfy: everything popped was pushed (and published) or given back, so
  * processing leaves the distance between the avail and used positions as
@@ -71,6 +75,7 @@
 #define MAX_ROUNDS 4
 #define FZ_WORKER 0x80                 /* cfg.rounds: then run the worker thread once */
 #define FZ_TRUNCATE 0x40               /* cfg.rounds: the frontend shrinks R1 mid-input */
+#define FZ_LOG 0x20                    /* cfg.rounds: dirty log on (LOG_ALL, a log covering R0+R1) */
 #define WORKER_WAIT_MS 2
 
 /* Feature selection (cfg.features bits) -> virtio bits */
@@ -108,6 +113,11 @@ struct __attribute__((packed)) fuzz_cfg {
 static struct vr_mem mem;
 static uint8_t *r01, *r2;              /* our views of the regions */
 static int r1_fd = -1;                 /* R1's memfd: FZ_TRUNCATE shrinks it */
+/* FZ_LOG: the dirty log, 1 bit per 4 KiB from gpa 0, one word (256 KiB) long:
+ * R0 and R1 fit, R2 (at 4 GiB) does not, so its marks must be dropped. Guard
+ * words around it catch a write past either end. */
+static uint64_t log_area[3];
+#define LOG_WORDS 1
 static struct vr_qp *qp;               /* the one queue pair, across inputs (frontends) */
 static int tap_fd = -1, peer_fd = -1;
 static int efd[2][3];                  /* kick, call, err per vq */
@@ -302,6 +312,11 @@ static void check_parked(struct vr_qp *qp)
 {
     int inflight = vr_qp_inflight(qp);
 
+    if (qp->log_cache_n || log_area[0] || log_area[2]) {
+        fprintf(stderr, "dirty log: %u marks not flushed while parked, guards %#lx %#lx\n",
+                qp->log_cache_n, log_area[0], log_area[2]);
+        abort();
+    }
     /* Broken or not (a fault cuts a burst short): nothing popped for a frame or
      * prepared for the TAP may outlive the burst. */
     if (inflight != 0 || qp->stash_count || qp->stash_first || qp->stash_iov_end || qp->stash_bytes ||
@@ -384,7 +399,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         vr_qp_reset_vq(qp, w);
     check_parked(qp);
     hdr = (cfg.ctl & FZ_HDR10) && !(cfg.features & FZ_MRG) ? 10 : 12;
-    vr_qp_set_features(qp, virtio_features(cfg.features), hdr);
+    memset(log_area, 0, sizeof(log_area));
+    vr_qp_set_log(qp, (cfg.rounds & FZ_LOG) ? (uint64_t)(uintptr_t)&log_area[1] : 0, LOG_WORDS);
+    vr_qp_set_features(qp, virtio_features(cfg.features) |
+                       ((cfg.rounds & FZ_LOG) ? 1ull << VR_F_LOG_ALL : 0), hdr);
     vr_qp_set_mtu(qp, 1500);            /* no state from the previous input: */
     vr_qp_set_mtu(qp, cfg.mtu);         /* an invalid MTU leaves the default */
     for (int w = 0; w < 2; w++)
@@ -393,7 +411,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     note_parked(qp);
 
     /* With FZ_WORKER 0..3 synchronous rounds come first, else 1..4. */
-    rounds = (cfg.rounds & FZ_WORKER) ? (cfg.rounds & 0x3f) % MAX_ROUNDS : 1 + (cfg.rounds & 0x3f) % MAX_ROUNDS;
+    rounds = (cfg.rounds & FZ_WORKER) ? (cfg.rounds & 0x1f) % MAX_ROUNDS : 1 + (cfg.rounds & 0x1f) % MAX_ROUNDS;
     truncate = cfg.rounds & FZ_TRUNCATE;
     for (unsigned r = 0; r < rounds; r++) {
         if (truncate && r == 0) {

@@ -39,6 +39,7 @@ FZ_TX_ENABLED, FZ_RX_ENABLED, FZ_TX_STARTED, FZ_RX_STARTED, FZ_HDR10, FZ_NO_CALL
 RUNNING = FZ_TX_ENABLED | FZ_RX_ENABLED | FZ_TX_STARTED | FZ_RX_STARTED
 FZ_WORKER = 0x80  # cfg.rounds: then through the worker thread
 FZ_TRUNCATE = 0x40  # cfg.rounds: R1 shrinks to nothing before the first round (or the worker phase)
+FZ_LOG = 0x20  # cfg.rounds: dirty log on
 LAYOUT = [(0, 0x10000), (0x10000, 0x10000), (1 << 32, 0x1000)]
 IMAGE_MAX = 0x20000
 _DESC = struct.Struct("<QIHH")
@@ -68,14 +69,15 @@ class Seed:
         return ring.desc_gpa, ring.avail_gpa, ring.used_gpa
 
     def encode(self, features=0, ctl=RUNNING, rounds=1, frames=(), mtu=1500, base=None, worker=False,
-               truncate=False) -> bytes:
+               truncate=False, log=False) -> bytes:
         rxp, txp = self.parts(self.rx), self.parts(self.tx)
         if base is None:
             base = 0x8000 if self.packed else 0     # packed: slot 0, wrap counter 1
         lens = (list(frames) + [0, 0, 0, 0])[:4]
         cfg = CFG.pack(self.features | features, ctl, self.rx.num, self.tx.num, base, base,
                        rxp[0], txp[0], rxp[1], txp[1], rxp[2], txp[2], mtu,
-                       (rounds - 1) | (FZ_WORKER if worker else 0) | (FZ_TRUNCATE if truncate else 0),
+                       (rounds - 1) | (FZ_WORKER if worker else 0) | (FZ_TRUNCATE if truncate else 0)
+                       | (FZ_LOG if log else 0),
                        len(frames), *lens)
         top = max(r.gpa + r._next for r in self.mem._regions[:2])
         image = self.mem.read(0, min(top, IMAGE_MAX)).rstrip(b"\0")
@@ -234,6 +236,17 @@ def seeds():
         s.tx.publish()
         yield f"split-truncate-tx-burst{'-worker' if worker else ''}", s.encode(
             rounds=1 if worker else 2, worker=worker, truncate=True)
+
+    # Dirty log on: mergeable RX into buffers in R0, R1 and R2 (beyond the log), TX too.
+    for packed in (False, True):
+        s = Seed(packed=packed, num=8, event_idx=not packed)
+        for region in (0, 1, 2):
+            s.rx.buf_region = region
+            s.rx.add_in([700])
+        s.rx.publish()
+        s.tx.add_out([tx_blob(300, 22)]); s.tx.publish()
+        yield f"{'packed' if packed else 'split'}-dirty-log", s.encode(
+            features=FZ_MRG, frames=[1400, 60], rounds=2, log=True, worker=packed)
 
     # A packed chain of more than VR_MAX_IOV segments on each ring (one indirect table each)
     s = Seed(packed=True, num=520, indirect=True)

@@ -191,7 +191,7 @@ def check_replies(stream: bytes) -> None:
 
 
 async def serve(h: Harness, backend: socket.socket, frontend: socket.socket) -> bytes:
-    """Session.run's loop over the backend end; returns what the frontend received."""
+    """dispatch.serve's loop over the backend end; returns what the frontend received."""
     loop = asyncio.get_running_loop()
     replies = bytearray()
 

@@ -1,5 +1,6 @@
 """dispatch.py: the request table covers the spec; generic checks; error replies."""
 import asyncio
+import dataclasses
 import logging
 import struct
 
@@ -20,7 +21,7 @@ def test_handled_rows_name_session_methods():
 
     for req, row in REQUEST_TABLE.items():
         if row.handler is not None:
-            assert callable(getattr(Session, row.handler)), req
+            assert getattr(Session, row.handler.__name__) is row.handler, req
 
 
 def test_always_reply_requests_match_the_spec():
@@ -32,7 +33,9 @@ def test_always_reply_requests_match_the_spec():
 
 
 class FakeSession:
-    """Records handler calls; the real Session is exercised by the integration tests."""
+    """Records handler calls; the real Session is tested in test_session.py."""
+
+    queue_pairs = 1
 
     def __init__(self, protocol_features=0):
         self.protocol_features = protocol_features
@@ -46,21 +49,26 @@ class FakeSession:
     def count_error(self):
         self.errors += 1
 
-    def check_vring_index(self, body):
-        from vhostd.net import validate_vring_index
-
-        validate_vring_index(body.index, 1)
-
-    async def get_features(self, body, fds):
+    def get_features(self):
         return struct.pack("=Q", 0x1234)
 
-    async def set_vring_num(self, body, fds):
-        self.calls.append(("num", body))
+    async def set_vring_num(self, state):
+        self.calls.append(("num", state))
+
+
+FAKE_HANDLERS = {Request.GET_FEATURES: FakeSession.get_features, Request.SET_VRING_NUM: FakeSession.set_vring_num}
 
 
 def run(session, req, payload=b"", fds=(), flags=0x1):
+    """dispatch alone: the rows of FAKE_HANDLERS call FakeSession's methods."""
     header = Header(req, flags, len(payload))
-    return asyncio.run(dispatch(session, header, payload, list(fds)))
+    table = {r: dataclasses.replace(REQUEST_TABLE[r], handler=h) for r, h in FAKE_HANDLERS.items()}
+    saved = {r: REQUEST_TABLE[r] for r in table}
+    REQUEST_TABLE.update(table)
+    try:
+        return asyncio.run(dispatch(session, header, payload, list(fds)))
+    finally:
+        REQUEST_TABLE.update(saved)
 
 
 def test_get_features_replies():
@@ -121,3 +129,17 @@ def test_bad_payload_size_closes_connection():
         run(FakeSession(), Request.SET_VRING_NUM, b"\0" * 5, fds=[])
     fd.close()
     __import__("os").close(w)
+
+
+def test_vring_file_becomes_index_and_fd_or_none():
+    from vhostd.dispatch import vring_fd
+    from vhostd.errors import RequestError
+    from vhostd.protocol import VringFile
+
+    fd = OwnedFd(-1)
+    assert vring_fd(VringFile(1, False, 1), [fd]) is fd
+    assert vring_fd(VringFile(1, True, 0x101), []) is None
+    with pytest.raises(RequestError, match="no-fd flag"):
+        vring_fd(VringFile(1, True, 0x101), [fd])
+    with pytest.raises(RequestError, match="no fd attached"):
+        vring_fd(VringFile(1, False, 1), [])

@@ -115,3 +115,11 @@ def test_empty_payload():
     unpack_empty(b"\0" * 8)  # QEMU sends SET_OWNER with an unused u64 in some versions
     with pytest.raises(ProtocolError):
         unpack_empty(b"\0" * 4)
+
+
+def test_vring_file_reserved_bits_refused_not_fatal():
+    from vhostd.errors import RequestError
+
+    with pytest.raises(RequestError, match="reserved bits"):
+        VringFile.unpack(struct.pack("=Q", 0x200))
+    assert VringFile.unpack(struct.pack("=Q", 0x1FF)) == VringFile(0xFF, True, 0x1FF)

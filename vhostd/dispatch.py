@@ -3,17 +3,31 @@
 One row per request (data, not code): the Session method that handles it (None:
 answered as unsupported), the payload parser, how many fds it may carry and
 whether it always replies. `dispatch` does the generic checks between syntax
-(protocol.py) and meaning (session.py): payload parse, fd count, vring index.
+(protocol.py) and meaning (session.py): payload parse, fd count, vring index;
+it turns a SET_VRING_KICK/CALL/ERR payload and its fds into (index, fd or None).
+`serve` is one frontend connection's loop: message, dispatch, reply.
+
+dispatch sits above session: its rows name Session's methods, and Session never
+names a request id.
 """
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from vhostd.connection import OwnedFd, close_all
-from vhostd.errors import NativeError, ProtocolError, RequestError, SetupError, UnsupportedRequest
+from vhostd.errors import (
+    NativeError,
+    ProtocolError,
+    RequestError,
+    SetupError,
+    UnsupportedRequest,
+    VhostError,
+    WorkerStuck,
+)
 from vhostd.protocol import (
     Header,
     ProtocolFeature,
@@ -30,6 +44,7 @@ from vhostd.protocol import (
     unpack_single_region,
     unpack_u64,
 )
+from vhostd.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +56,15 @@ class Reply(enum.Enum):
 
 @dataclass(frozen=True)
 class Row:
-    handler: str | None
+    """How one request is handled. The handler is called with the session and
+    only what it needs, told by the payload type:
+      no payload (unpack_empty)      -> handler(session)
+      a vring file (VringFile)       -> handler(session, index, OwnedFd or None)
+      a payload with fds (fds[1] > 0) -> handler(session, value, fds)
+      any other payload              -> handler(session, value)
+    A handler that returns normally owns the fds it was given."""
+
+    handler: Callable | None
     parse: Callable[[bytes], Any]
     fds: tuple[int, int] = (0, 0)
     reply: Reply = Reply.ACK
@@ -49,29 +72,30 @@ class Row:
 
 
 R = Request
+S = Session
 _ALWAYS = Reply.ALWAYS
 
 REQUEST_TABLE: dict[Request, Row] = {
-    R.GET_FEATURES: Row("get_features", unpack_empty, reply=_ALWAYS),
-    R.SET_FEATURES: Row("set_features", unpack_u64),
-    R.SET_OWNER: Row("set_owner", unpack_empty),
-    R.RESET_OWNER: Row("reset_owner", unpack_empty),
-    R.SET_MEM_TABLE: Row("set_mem_table", unpack_mem_table, fds=(1, 8)),
+    R.GET_FEATURES: Row(S.get_features, unpack_empty, reply=_ALWAYS),
+    R.SET_FEATURES: Row(S.set_features, unpack_u64),
+    R.SET_OWNER: Row(S.set_owner, unpack_empty),
+    R.RESET_OWNER: Row(S.reset_owner, unpack_empty),
+    R.SET_MEM_TABLE: Row(S.set_mem_table, unpack_mem_table, fds=(1, 8)),
     R.SET_LOG_BASE: Row(None, unpack_raw, fds=(0, 1), reply=_ALWAYS),
     R.SET_LOG_FD: Row(None, unpack_raw, fds=(0, 1)),
-    R.SET_VRING_NUM: Row("set_vring_num", VringState.unpack, vring=True),
-    R.SET_VRING_ADDR: Row("set_vring_addr", VringAddr.unpack, vring=True),
-    R.SET_VRING_BASE: Row("set_vring_base", VringState.unpack, vring=True),
-    R.GET_VRING_BASE: Row("get_vring_base", VringState.unpack, reply=_ALWAYS, vring=True),
-    R.SET_VRING_KICK: Row("set_vring_kick", VringFile.unpack, fds=(0, 1), vring=True),
-    R.SET_VRING_CALL: Row("set_vring_call", VringFile.unpack, fds=(0, 1), vring=True),
-    R.SET_VRING_ERR: Row("set_vring_err", VringFile.unpack, fds=(0, 1), vring=True),
-    R.GET_PROTOCOL_FEATURES: Row("get_protocol_features", unpack_empty, reply=_ALWAYS),
-    R.SET_PROTOCOL_FEATURES: Row("set_protocol_features", unpack_u64),
-    R.GET_QUEUE_NUM: Row("get_queue_num", unpack_empty, reply=_ALWAYS),
-    R.SET_VRING_ENABLE: Row("set_vring_enable", VringState.unpack, vring=True),
+    R.SET_VRING_NUM: Row(S.set_vring_num, VringState.unpack, vring=True),
+    R.SET_VRING_ADDR: Row(S.set_vring_addr, VringAddr.unpack, vring=True),
+    R.SET_VRING_BASE: Row(S.set_vring_base, VringState.unpack, vring=True),
+    R.GET_VRING_BASE: Row(S.get_vring_base, VringState.unpack, reply=_ALWAYS, vring=True),
+    R.SET_VRING_KICK: Row(S.set_vring_kick, VringFile.unpack, fds=(0, 1), vring=True),
+    R.SET_VRING_CALL: Row(S.set_vring_call, VringFile.unpack, fds=(0, 1), vring=True),
+    R.SET_VRING_ERR: Row(S.set_vring_err, VringFile.unpack, fds=(0, 1), vring=True),
+    R.GET_PROTOCOL_FEATURES: Row(S.get_protocol_features, unpack_empty, reply=_ALWAYS),
+    R.SET_PROTOCOL_FEATURES: Row(S.set_protocol_features, unpack_u64),
+    R.GET_QUEUE_NUM: Row(S.get_queue_num, unpack_empty, reply=_ALWAYS),
+    R.SET_VRING_ENABLE: Row(S.set_vring_enable, VringState.unpack, vring=True),
     R.SEND_RARP: Row(None, unpack_raw),
-    R.NET_SET_MTU: Row("net_set_mtu", unpack_u64),
+    R.NET_SET_MTU: Row(S.net_set_mtu, unpack_u64),
     R.SET_BACKEND_REQ_FD: Row(None, unpack_raw, fds=(0, 1)),
     R.IOTLB_MSG: Row(None, unpack_raw),
     R.SET_VRING_ENDIAN: Row(None, unpack_raw),
@@ -90,8 +114,8 @@ REQUEST_TABLE: dict[Request, Row] = {
     R.GET_MAX_MEM_SLOTS: Row(None, unpack_raw, reply=_ALWAYS),
     R.ADD_MEM_REG: Row(None, unpack_single_region, fds=(0, 1)),
     R.REM_MEM_REG: Row(None, unpack_single_region, fds=(0, 1)),
-    R.SET_STATUS: Row("set_status", unpack_u64),
-    R.GET_STATUS: Row("get_status", unpack_empty, reply=_ALWAYS),
+    R.SET_STATUS: Row(S.set_status, unpack_u64),
+    R.GET_STATUS: Row(S.get_status, unpack_empty, reply=_ALWAYS),
     R.GET_SHARED_OBJECT: Row(None, unpack_raw, reply=_ALWAYS),
     R.SET_DEVICE_STATE_FD: Row(None, unpack_raw, fds=(0, 1), reply=_ALWAYS),
     R.CHECK_DEVICE_STATE: Row(None, unpack_raw, reply=_ALWAYS),
@@ -99,6 +123,35 @@ REQUEST_TABLE: dict[Request, Row] = {
 
 ACK_OK = pack_u64(0)
 ACK_FAIL = pack_u64(1)
+
+
+def check_vring_index(index: int, queue_pairs: int) -> None:
+    """virtio 1.2 §5.1.2: a net device with N queue pairs has virtqueues 0..2N-1
+    (the control queue is not offered). The full u32 of the payload is checked."""
+    if index >= 2 * queue_pairs:
+        raise RequestError(f"vring index {index:#x} out of range (queues={queue_pairs})")
+
+
+def vring_fd(body: VringFile, fds: list[OwnedFd]) -> OwnedFd | None:
+    """The fd of a SET_VRING_KICK/CALL/ERR: the one attached, or None with the
+    no-fd flag (vhost-user spec: bit 8 set means no fd is passed)."""
+    if body.nofd:
+        if fds:
+            raise RequestError(f"vring {body.index}: fd attached with the no-fd flag")
+        return None
+    if len(fds) != 1:
+        raise RequestError(f"vring {body.index}: no fd attached")
+    return fds[0]
+
+
+def _arguments(row: Row, body, fds: list[OwnedFd]) -> tuple:
+    if row.parse is unpack_empty:
+        return ()
+    if isinstance(body, VringFile):
+        return body.index, vring_fd(body, fds)
+    if row.fds[1]:
+        return body, fds
+    return (body,)
 
 
 async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) -> bytes | None:
@@ -122,9 +175,11 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
         if not lo <= len(fds) <= hi:
             raise RequestError(f"{name}: {len(fds)} fds attached, expected {lo}..{hi}")
         if row.vring:
-            session.check_vring_index(body)
+            check_vring_index(body.index, session.queue_pairs)
         try:
-            result = await getattr(session, row.handler)(body, fds)
+            result = row.handler(session, *_arguments(row, body, fds))
+            if inspect.isawaitable(result):
+                result = await result
         except (NativeError, SetupError) as exc:
             # The datapath refused a value the checks above let through, or the host
             # cannot carry the request out (NET_SET_MTU without CAP_NET_ADMIN): still
@@ -149,3 +204,31 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
     if header.need_reply and session.protocol_acked(ProtocolFeature.REPLY_ACK):
         return pack_message(header.request, ACK_OK)
     return None
+
+
+async def serve(session: Session) -> None:
+    """Serves one frontend's requests until it disconnects; always releases
+    everything the session holds (Session.close)."""
+    try:
+        while True:
+            msg = await session.conn.recv_message()
+            if msg is None:
+                session.log.info("frontend disconnected")
+                return
+            header, payload, fds = msg
+            session.log.debug("request %d flags %#x size %d fds %d", header.request, header.flags, header.size,
+                              len(fds))
+            reply = await dispatch(session, header, payload, fds)
+            if reply is not None:
+                await session.conn.send(reply)
+    except WorkerStuck:
+        raise  # not this frontend's connection alone: the port fails (Port.serve)
+    except (ProtocolError, VhostError) as exc:
+        # ProtocolError: framing cannot be trusted any more. Any other VhostError
+        # here escaped dispatch by mistake: end this frontend, never the port.
+        session.count_error()
+        session.log.warning("closing connection: %s", exc)
+    except (ConnectionError, OSError) as exc:
+        session.log.info("frontend connection lost: %s", exc)
+    finally:
+        session.close()

@@ -21,6 +21,7 @@ from vhostd import native
 from vhostd import tap as taplib
 from vhostd.config import DEFAULT_SOCKET_MODE, PortConfig
 from vhostd.connection import Connection
+from vhostd.dispatch import serve
 from vhostd.errors import SetupError
 from vhostd.net import NetDevice
 from vhostd.session import Session
@@ -202,7 +203,7 @@ class Port:
             if self.listener is not None:
                 loop.add_reader(self.listener.fileno(), self._note_waiting)
             try:
-                await self.session.run()
+                await serve(self.session)
             finally:
                 if self.listener is not None:
                     loop.remove_reader(self.listener.fileno())

@@ -2,8 +2,8 @@
 
 Implements the message layout of the vhost-user specification (QEMU
 docs/interop/vhost-user.rst, "Message Specification" and "Front-end message
-types"). This module checks syntax only: exact payload sizes and overflow-safe
-arithmetic. Meaning (queue sizes, state) is checked in session.py.
+types"). This module checks syntax only: exact payload sizes, reserved bits and
+overflow-safe arithmetic. Meaning (queue sizes, state) is checked in session.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from vhostd.errors import ProtocolError
+from vhostd.errors import ProtocolError, RequestError
 
 HEADER = struct.Struct("=III")  # request, flags, size (native byte order)
 VERSION = 0x1
@@ -103,9 +103,10 @@ class ProtocolFeature(enum.IntEnum):
 F_PROTOCOL_FEATURES = 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_LOG_ALL = 26  # VHOST_F_LOG_ALL
 
-# SET_VRING_KICK/CALL/ERR u64 payload.
+# SET_VRING_KICK/CALL/ERR u64 payload: index in bits 0-7, bit 8 = no fd, the rest reserved.
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
+VRING_FILE_RESERVED = U64_MAX & ~(VRING_IDX_MASK | VRING_NOFD_MASK)
 
 
 def bit(n: int) -> int:
@@ -216,7 +217,10 @@ class VringAddr:
 
 @dataclass(frozen=True)
 class VringFile:
-    """u64 payload of SET_VRING_KICK/CALL/ERR: index in bits 0-7, bit 8 = no fd."""
+    """u64 payload of SET_VRING_KICK/CALL/ERR: index in bits 0-7, bit 8 = no fd.
+
+    Reserved bits set are refused (RequestError: a failure reply, the connection
+    lives on), not a framing error: the payload's size was right."""
 
     index: int
     nofd: bool
@@ -225,6 +229,8 @@ class VringFile:
     @classmethod
     def unpack(cls, data: bytes) -> "VringFile":
         raw = unpack_u64(data)
+        if raw & VRING_FILE_RESERVED:
+            raise RequestError(f"vring file payload {raw:#x} has reserved bits set")
         return cls(raw & VRING_IDX_MASK, bool(raw & VRING_NOFD_MASK), raw)
 
 

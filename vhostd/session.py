@@ -3,6 +3,8 @@
 Implements the meaning of the vhost-user front-end requests ("Front-end message
 types" and "Ring states" in the spec): the third validation layer, after
 protocol.py (syntax) and dispatch.py (payload size, fd count, vring index).
+dispatch.REQUEST_TABLE calls these handlers with only what each needs; a handler
+raises RequestError to refuse a request.
 """
 from __future__ import annotations
 
@@ -12,23 +14,19 @@ import os
 import time
 
 from vhostd import tap as taplib
-from vhostd.connection import Connection, OwnedFd, close_all
-from vhostd.dispatch import dispatch
-from vhostd.errors import ProtocolError, RequestError, VhostError, WorkerStuck
-from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names, validate_vring_index
+from vhostd.connection import Connection, OwnedFd
+from vhostd.errors import RequestError, WorkerStuck
+from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
     MemRegion,
     ProtocolFeature,
     VringAddr,
-    VringFile,
     VringState,
     bit,
     pack_u64,
 )
 from vhostd.vring import Vring
-
-_VRING_FILE_RESERVED = ~0x1FF & ((1 << 64) - 1)
 
 # Alignment of the ring parts (virtio 1.1 §2.6 split: desc 16, avail 2, used 4;
 # §2.7.10.1 packed: desc 16, driver and device event areas 4), as (desc, avail, used).
@@ -46,6 +44,7 @@ def _is_eventfd(fd: int) -> bool:
 class Session:
     def __init__(self, device: NetDevice, conn: Connection, log: logging.LoggerAdapter, peer: str = ""):
         self.device = device
+        self.queue_pairs = device.queue_pairs
         self.conn = conn
         self.log = log
         self.peer = peer
@@ -57,33 +56,6 @@ class Session:
         self.errors = 0
         self.since = time.time()
         self._resync_pending: set[int] = set()  # vrings with a SET_VRING_BASE not yet checked
-
-    # --- connection loop -------------------------------------------------------
-
-    async def run(self) -> None:
-        """Serves requests until the frontend disconnects; always releases everything."""
-        try:
-            while True:
-                msg = await self.conn.recv_message()
-                if msg is None:
-                    self.log.info("frontend disconnected")
-                    return
-                header, payload, fds = msg
-                self.log.debug("request %d flags %#x size %d fds %d", header.request, header.flags, header.size, len(fds))
-                reply = await dispatch(self, header, payload, fds)
-                if reply is not None:
-                    await self.conn.send(reply)
-        except WorkerStuck:
-            raise  # not this frontend's connection alone: the port fails (Port.serve)
-        except (ProtocolError, VhostError) as exc:
-            # ProtocolError: framing cannot be trusted any more. Any other VhostError
-            # here escaped dispatch by mistake: end this frontend, never the port.
-            self.errors += 1
-            self.log.warning("closing connection: %s", exc)
-        except (ConnectionError, OSError) as exc:
-            self.log.info("frontend connection lost: %s", exc)
-        finally:
-            self.close()
 
     def close(self) -> None:
         try:
@@ -100,11 +72,6 @@ class Session:
 
     def count_error(self) -> None:
         self.errors += 1
-
-    def check_vring_index(self, body) -> None:
-        if isinstance(body, VringFile) and body.raw & _VRING_FILE_RESERVED:
-            raise RequestError(f"vring file payload {body.raw:#x} has reserved bits set")
-        validate_vring_index(body.index, self.device.queue_pairs)
 
     def _apply(self, vring: Vring, base: int | None = None) -> None:
         self.device.apply(vring, base)
@@ -130,10 +97,10 @@ class Session:
 
     # --- features ----------------------------------------------------------------
 
-    async def get_features(self, _body, _fds) -> bytes:
+    def get_features(self) -> bytes:
         return pack_u64(self.device.features)
 
-    async def set_features(self, features: int, _fds) -> None:
+    def set_features(self, features: int) -> None:
         extra = features & ~self.device.features
         if extra:
             raise RequestError(f"features {extra:#x} were not offered (offered {self.device.features:#x})")
@@ -150,22 +117,22 @@ class Session:
                     v.enabled = True
                     self._apply(v)
 
-    async def get_protocol_features(self, _body, _fds) -> bytes:
+    def get_protocol_features(self) -> bytes:
         return pack_u64(self.device.protocol_features)
 
-    async def set_protocol_features(self, features: int, _fds) -> None:
+    def set_protocol_features(self, features: int) -> None:
         extra = features & ~self.device.protocol_features
         if extra:
             raise RequestError(f"protocol features {extra:#x} were not offered")
         self.protocol_features = features
 
-    async def get_queue_num(self, _body, _fds) -> bytes:
+    def get_queue_num(self) -> bytes:
         return pack_u64(self.device.queue_pairs)
 
-    async def set_owner(self, _body, _fds) -> None:
+    def set_owner(self) -> None:
         self.owner = True
 
-    async def reset_owner(self, _body, _fds) -> None:
+    def reset_owner(self) -> None:
         """Deprecated RESET_OWNER: back to the state of a fresh connection."""
         self.device.reset(self.vrings)
         self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
@@ -173,7 +140,7 @@ class Session:
         self.owner = False
         self.log.info("device reset by frontend")
 
-    async def net_set_mtu(self, mtu: int, _fds) -> None:
+    async def net_set_mtu(self, mtu: int) -> None:
         """NET_SET_MTU (protocol feature NET_MTU): the MTU QEMU exposes to the guest
         (host_mtu). The TAP follows it so that frames of that size pass both ways."""
         if not self.protocol_acked(ProtocolFeature.NET_MTU):
@@ -187,19 +154,18 @@ class Session:
             self.device.set_mtu(mtu)
         self.log.info("MTU %d", mtu)
 
-    async def set_status(self, status: int, _fds) -> None:
+    def set_status(self, status: int) -> None:
         if status > 0xFF:
             raise RequestError(f"device status {status:#x} does not fit in 8 bits")
         self.status = status
 
-    async def get_status(self, _body, _fds) -> bytes:
+    def get_status(self) -> bytes:
         return pack_u64(self.status)
 
     # --- memory ------------------------------------------------------------------
 
-    async def set_mem_table(self, regions: list[MemRegion], fds: list[OwnedFd]) -> None:
+    def set_mem_table(self, regions: list[MemRegion], fds: list[OwnedFd]) -> None:
         if len(fds) != len(regions):
-            close_all(fds)
             raise RequestError(f"{len(regions)} memory regions but {len(fds)} fds")
         mapped = self.device.mem.prepare(regions, fds)
         self.device.install_memory(mapped, self.vrings)
@@ -216,7 +182,7 @@ class Session:
     def packed(self) -> bool:
         return bool(self.features & bit(F_RING_PACKED))
 
-    async def set_vring_num(self, state: VringState, _fds) -> None:
+    def set_vring_num(self, state: VringState) -> None:
         num = state.num
         if self.packed:
             if not 1 <= num <= 32768:
@@ -227,7 +193,7 @@ class Session:
         v.num = num
         self._apply(v)
 
-    async def set_vring_addr(self, addr: VringAddr, _fds) -> None:
+    def set_vring_addr(self, addr: VringAddr) -> None:
         if addr.flags & ~VringAddr.F_LOG:
             raise RequestError(f"vring {addr.index} address flags {addr.flags:#x} unknown")
         for what, uva, align in zip(("desc", "avail", "used"), (addr.desc, addr.avail, addr.used),
@@ -246,7 +212,7 @@ class Session:
                 "not inside guest memory"
             )
 
-    async def set_vring_base(self, state: VringState, _fds) -> None:
+    def set_vring_base(self, state: VringState) -> None:
         v = self.vrings[state.index]
         if not self.packed and state.num > 0xFFFF:
             raise RequestError(f"vring {state.index} base {state.num:#x} out of range for a split ring")
@@ -287,52 +253,43 @@ class Session:
         data = self.device.mem.pread(used_uva + 2, 2)
         return int.from_bytes(data, "little") if data is not None else None
 
-    async def get_vring_base(self, state: VringState, _fds) -> bytes:
+    def get_vring_base(self, state: VringState) -> bytes:
         v = self.vrings[state.index]
         base = self.device.stop_vring(v)
         self.log.debug("vring %d stopped at %#x", v.index, base)
         return VringState(state.index, base).pack()
 
-    async def _set_fd(self, body: VringFile, fds: list[OwnedFd], attr: str) -> None:
-        if body.nofd:
-            if fds:
-                close_all(fds)
-                raise RequestError(f"vring {body.index} {attr}: fd attached with the no-fd flag")
-            new = None
-        elif len(fds) != 1:
-            raise RequestError(f"vring {body.index} {attr}: no fd attached")
-        elif not _is_eventfd(fds[0].fd):
-            raise RequestError(f"vring {body.index} {attr}: fd is not an eventfd")
-        else:
-            # Used in the blocking mode the frontend chose: the flag lives on the
-            # file description it shares, and changing it would change its own
-            # reads. A blocking fd that would make the worker sleep (a full call
-            # or err counter, a kick counter the frontend drained) is ended by the
-            # pause's nudge, and that vring stops (csrc/vr_internal.h, vr_efd_signal).
-            new = fds[0]
-        v = self.vrings[body.index]
-        old = v.replace_fd(attr, new)
+    def _set_fd(self, index: int, fd: OwnedFd | None, attr: str) -> None:
+        """Installs a kick/call/err fd (None: the frontend's no-fd flag). The fd is
+        used in the blocking mode the frontend chose: the flag lives on the file
+        description it shares, and changing it would change its own reads. A
+        blocking fd that would make the worker sleep (a full call or err counter, a
+        kick counter the frontend drained) is ended by the pause's nudge, and that
+        vring stops (csrc/vr_internal.h, vr_efd_signal)."""
+        if fd is not None and not _is_eventfd(fd.fd):
+            raise RequestError(f"vring {index} {attr}: fd is not an eventfd")
+        v = self.vrings[index]
+        old = v.replace_fd(attr, fd)
         base = None
         if attr == "kick":
-            v.started = new is not None
+            v.started = fd is not None
             base = self._resync_base(v) if v.started else None
         self._apply(v, base)  # C stops watching the old fd first ...
         if old is not None:
             old.close()  # ... then it is closed
 
-    async def set_vring_kick(self, body: VringFile, fds: list[OwnedFd]) -> None:
-        if body.nofd:
-            close_all(fds)
-            raise RequestError(f"vring {body.index}: polling mode (no kick fd) is not supported")
-        await self._set_fd(body, fds, "kick")
+    def set_vring_kick(self, index: int, fd: OwnedFd | None) -> None:
+        if fd is None:
+            raise RequestError(f"vring {index}: polling mode (no kick fd) is not supported")
+        self._set_fd(index, fd, "kick")
 
-    async def set_vring_call(self, body: VringFile, fds: list[OwnedFd]) -> None:
-        await self._set_fd(body, fds, "call")
+    def set_vring_call(self, index: int, fd: OwnedFd | None) -> None:
+        self._set_fd(index, fd, "call")
 
-    async def set_vring_err(self, body: VringFile, fds: list[OwnedFd]) -> None:
-        await self._set_fd(body, fds, "err")
+    def set_vring_err(self, index: int, fd: OwnedFd | None) -> None:
+        self._set_fd(index, fd, "err")
 
-    async def set_vring_enable(self, state: VringState, _fds) -> None:
+    def set_vring_enable(self, state: VringState) -> None:
         if state.num not in (0, 1):
             raise RequestError(f"vring {state.index} enable value {state.num:#x} (0 or 1)")
         v = self.vrings[state.index]

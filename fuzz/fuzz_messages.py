@@ -8,7 +8,7 @@ socketpair, Connection.recv_message (recvmsg + SCM_RIGHTS, framing,
 protocol.Header), then dispatch.dispatch -> Session handlers -> net.py /
 memory.py -> the C datapath, against one NetDevice on a real TAP in a network
 namespace (the harness's "port"), a new Session per input as for a new
-frontend. The loop is Session.run's, minus its `except OSError`, which would
+frontend. The loop is dispatch.serve's, minus its `except OSError`, which would
 hide a handler's OSError as a lost connection.
 
 A crash is:

@@ -50,7 +50,7 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["vhostd", "seedfmt"]):
     import seedfmt  # noqa: E402
-    from vhostd import connection as connmod  # noqa: E402
+    from vhostd import fds as fdsmod  # noqa: E402
     from vhostd import tap as taplib  # noqa: E402
     from vhostd.connection import Connection  # noqa: E402
     from vhostd.dispatch import dispatch  # noqa: E402
@@ -67,7 +67,7 @@ MEMFD_NAME = "vhostd-fuzz-guest"
 # --- the one port the harness serves ---------------------------------------------
 
 _leaked_by_gc: list[int] = []
-_orig_del = connmod.OwnedFd.__del__
+_orig_del = fdsmod.OwnedFd.__del__
 
 
 def _guard_del(self):
@@ -77,7 +77,7 @@ def _guard_del(self):
     _orig_del(self)
 
 
-connmod.OwnedFd.__del__ = _guard_del
+fdsmod.OwnedFd.__del__ = _guard_del
 
 
 class Harness:

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from vhostd.connection import OwnedFd
+from vhostd.fds import OwnedFd
 from vhostd.dispatch import REQUEST_TABLE, Reply, dispatch
 from vhostd.errors import ProtocolError
 from vhostd.protocol import HEADER, Header, ProtocolFeature, Request, bit

@@ -8,50 +8,13 @@ from __future__ import annotations
 
 import array
 import asyncio
-import os
 import socket
 
 from vhostd.errors import ProtocolError
+from vhostd.fds import OwnedFd, close_all
 from vhostd.protocol import HEADER, MAX_FDS, Header, request_name
 
 _FD_SIZE = array.array("i").itemsize
-
-
-class OwnedFd:
-    """An fd we are responsible for closing exactly once.
-
-    Received fds become OwnedFd the moment recvmsg returns, so every error path
-    closes them. `take()` hands ownership to another holder.
-    """
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def take(self) -> "OwnedFd":
-        owned, self.fd = OwnedFd(self.fd), -1
-        return owned
-
-    def __repr__(self) -> str:
-        return f"OwnedFd({self.fd})"
-
-    def __del__(self):
-        if self.fd >= 0:  # pragma: no cover - a leak guard, not a code path
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-
-
-def close_all(fds: list[OwnedFd]) -> None:
-    for f in fds:
-        f.close()
 
 
 class Connection:

@@ -16,7 +16,10 @@ import os
 
 from vhostd.config import port_from_dict
 from vhostd.errors import SetupError
+from vhostd.metrics import render
+from vhostd.ringstate import port_rings
 from vhostd.stats import totals
+from vhostd.unixsock import bind_unix
 
 log = logging.getLogger("vhostd.control")
 
@@ -52,8 +55,6 @@ class ControlServer:
         self.active = 0
 
     async def start(self) -> None:
-        from vhostd.port import bind_unix
-
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         sock = bind_unix(self.path, self.uid, self.gid, self.mode, what="control socket")
         try:
@@ -109,12 +110,8 @@ class ControlServer:
             if cmd == "stats":
                 return {"ok": True, "stats": [port_stats(p) for p in _select(ports, req.get("port"))]}
             if cmd == "rings":
-                from vhostd.ringstate import port_rings
-
                 return {"ok": True, "rings": [port_rings(p) for p in _select(ports, req.get("port"))]}
             if cmd == "metrics":
-                from vhostd.metrics import render
-
                 return {"ok": True, "text": render(self.daemon)}
             if cmd == "add-port":
                 fields = {k: v for k, v in (req.get("port") or {}).items() if v is not None}

@@ -19,7 +19,9 @@ import socket
 import time
 
 from vhostd.config import RUNTIME_DIR, DaemonConfig, PortConfig, load_config
+from vhostd.control import ControlServer
 from vhostd.errors import SetupError, WorkerStuck
+from vhostd.metrics import MetricsServer
 from vhostd.net import reap_stuck
 from vhostd.port import Port
 
@@ -229,9 +231,6 @@ class Daemon:
             await asyncio.sleep(tick)
 
     async def run(self) -> None:
-        from vhostd.control import ControlServer
-        from vhostd.metrics import MetricsServer
-
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)

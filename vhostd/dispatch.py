@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from vhostd.connection import OwnedFd, close_all
+from vhostd.fds import OwnedFd, close_all
 from vhostd.errors import (
     NativeError,
     ProtocolError,

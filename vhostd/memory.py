@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from vhostd.connection import OwnedFd
+from vhostd.fds import OwnedFd
 from vhostd.errors import RequestError
 from vhostd.native import check, ffi, lib
 from vhostd.protocol import MemRegion

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vhostd import tap as taplib
-from vhostd.connection import OwnedFd, close_all
+from vhostd.fds import OwnedFd, close_all
 from vhostd.errors import NativeError, RequestError, SetupError, WorkerStuck
 from vhostd.memory import GuestMemory, MappedRegion
 from vhostd.native import BROKEN_REASONS, RX, TX, check, ffi, lib

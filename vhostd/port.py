@@ -9,17 +9,14 @@ next one; the TAP stays. Datapath problems reach the log here, rate-limited.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import socket
-import stat
-import struct
 import time
 
-from vhostd import native
+from vhostd import native, unixsock
 from vhostd import tap as taplib
-from vhostd.config import DEFAULT_SOCKET_MODE, PortConfig
+from vhostd.config import PortConfig
 from vhostd.connection import Connection
 from vhostd.dispatch import serve
 from vhostd.errors import SetupError
@@ -37,79 +34,6 @@ DROP_KEYS = ("drop_ring_full", "drop_tap_busy", "drop_tap_error", "drop_bad_desc
 class PortLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):
         return f"port {self.extra['port']}: {msg}", kwargs
-
-
-def _inherited_listener(fd: int) -> socket.socket:
-    """--fd: a listening AF_UNIX stream socket handed over by the parent (libvirt, systemd)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
-        if exc.errno == errno.ENOTSOCK:
-            raise SetupError(f"--fd {fd} is not a socket") from None
-        raise SetupError(f"--fd {fd}: {exc.strerror}") from None
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise SetupError(f"--fd {fd} is not a Unix stream socket")
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        sock.detach()
-        raise SetupError(f"--fd {fd} is not a listening socket")
-    sock.setblocking(False)
-    return sock
-
-
-def _clear_stale(path: str, what: str) -> None:
-    """Removes a socket file left by a process that died; refuses a live one."""
-    if not os.path.lexists(path):
-        return
-    st = os.lstat(path)
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SetupError(f"{what} path {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # stale socket from a previous run
-    else:
-        raise SetupError(f"{what} path {path} is in use by another process")
-    finally:
-        probe.close()
-
-
-def bind_unix(path: str, uid: int | None = None, gid: int | None = None, mode: int = DEFAULT_SOCKET_MODE,
-              what: str = "socket") -> socket.socket:
-    """A listening AF_UNIX socket at `path` with owner `uid`, group `gid` (None: ours) and
-    permission bits `mode`. It is bound under a umask that leaves it 0600, so nobody
-    else can connect before the owner, group and mode are in place."""
-    _clear_stale(path, what)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)  # process-wide, but nothing else creates files meanwhile
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise SetupError(f"cannot create {what} {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    try:
-        if uid is not None or gid is not None:
-            try:
-                os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-            except PermissionError:
-                raise SetupError(
-                    f"cannot give {what} {path} owner {'-' if uid is None else uid} group "
-                    f"{'-' if gid is None else gid}: not permitted (another owner needs CAP_CHOWN; "
-                    "another group needs membership in it)") from None
-        os.chmod(path, mode)
-        sock.listen(4)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        raise
-    return sock
 
 
 class Port:
@@ -135,7 +59,7 @@ class Port:
         """Set-up that can fail: TAP, device, socket. Raises SetupError with one clear line."""
         c = self.config
         if c.fd is not None:  # checked first: a wrong --fd must not leave a TAP behind
-            self.listener = _inherited_listener(c.fd)
+            self.listener = unixsock.inherited_listener(c.fd)
         tap = await asyncio.to_thread(taplib.open_tap, c.tap, c.netns, c.queues)
         try:
             mtu = await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
@@ -154,7 +78,7 @@ class Port:
         for qp in self.device.qps:
             loop.add_reader(qp.event_fd, self._on_datapath_event)
         if c.fd is None and not c.client:
-            self.listener = bind_unix(c.socket, c.socket_uid, c.socket_gid, c.socket_mode)
+            self.listener = unixsock.bind_unix(c.socket, c.socket_uid, c.socket_gid, c.socket_mode)
             self._owns_socket_path = True
         where = f" in netns {c.netns}" if c.netns else ""
         state = "created, persistent" if tap.created else "existing, attached"
@@ -195,7 +119,7 @@ class Port:
                 sock, peer = await self._connect(), self.config.socket
             else:
                 sock, _ = await loop.sock_accept(self.listener)
-                peer = _peer_pid(sock)
+                peer = unixsock.peer_pid(sock)
             self.connections += 1
             self.connected_at = time.time()
             self.log.info("frontend connected%s", f" ({peer})" if peer else "")
@@ -277,13 +201,3 @@ class Port:
         if self.session is not None:
             out["frontend"] = self.session.describe()
         return out
-
-
-def _peer_pid(sock: socket.socket) -> str:
-    try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        return f"pid {pid}" if pid else ""
-    except OSError:
-        return ""
-
-

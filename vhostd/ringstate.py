@@ -20,24 +20,12 @@ from __future__ import annotations
 
 import struct
 
+from vhostd.fds import eventfd_count
 from vhostd.native import BROKEN_REASONS, ffi, lib
 from vhostd.net import F_EVENT_IDX
 
 VRING_USED_F_NO_NOTIFY = 1                          # virtio 1.1 §2.6.7 (not in the cdef)
 PACKED_EVENT_FLAGS = {0: "enable", 1: "disable", 2: "desc"}
-
-
-def eventfd_count(fd: int) -> int | None:
-    """The counter of an eventfd of this process (what a read would return), from
-    /proc/self/fdinfo, without consuming it. None if unknown."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("eventfd-count:"):
-                    return int(line.split(":", 1)[1].strip(), 16)
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _u16s(mem, uva: int, count: int) -> tuple[int, ...] | None:

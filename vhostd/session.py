@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from vhostd import tap as taplib
-from vhostd.connection import Connection, OwnedFd
+from vhostd.connection import Connection
 from vhostd.errors import RequestError, WorkerStuck
+from vhostd.fds import OwnedFd, is_eventfd
 from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
@@ -32,13 +32,6 @@ from vhostd.vring import Vring
 # §2.7.10.1 packed: desc 16, driver and device event areas 4), as (desc, avail, used).
 _SPLIT_ALIGN = (16, 2, 4)
 _PACKED_ALIGN = (16, 4, 4)
-
-
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:  # no /proc: cannot tell, accept
-        return True
 
 
 class Session:
@@ -266,7 +259,7 @@ class Session:
         blocking fd that would make the worker sleep (a full call or err counter, a
         kick counter the frontend drained) is ended by the pause's nudge, and that
         vring stops (csrc/vr_internal.h, vr_efd_signal)."""
-        if fd is not None and not _is_eventfd(fd.fd):
+        if fd is not None and not is_eventfd(fd.fd):
             raise RequestError(f"vring {index} {attr}: fd is not an eventfd")
         v = self.vrings[index]
         old = v.replace_fd(attr, fd)

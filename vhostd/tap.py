@@ -24,7 +24,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from vhostd.connection import OwnedFd
+from vhostd.fds import OwnedFd
 from vhostd.errors import SetupError
 
 TUNSETIFF = 0x400454CA

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vhostd.connection import OwnedFd
+from vhostd.fds import OwnedFd
 from vhostd.protocol import VringAddr
 
 

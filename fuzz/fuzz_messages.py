@@ -5,7 +5,7 @@ into sendmsg() calls that carry fds the harness makes (memfds of several
 sizes, eventfds (blocking or not, counters empty, pending or saturated), pipes,
 sockets, /dev/null, repeats of one fd as QEMU does for regions sharing a memfd). It travels the daemon's own path: a real AF_UNIX
 socketpair, Connection.recv_message (recvmsg + SCM_RIGHTS, framing,
-protocol.Header), then dispatch.dispatch -> Session handlers -> net.py /
+protocol.Header), then dispatch.dispatch -> Session handlers -> device.py /
 memory.py -> the C datapath, against one NetDevice on a real TAP in a network
 namespace (the harness's "port"), a new Session per input as for a new
 frontend. The loop is dispatch.serve's, minus its `except OSError`, which would
@@ -55,7 +55,7 @@ with atheris.instrument_imports(include=["vhostd", "seedfmt"]):
     from vhostd.connection import Connection  # noqa: E402
     from vhostd.dispatch import dispatch  # noqa: E402
     from vhostd.errors import ProtocolError  # noqa: E402
-    from vhostd.net import NetDevice  # noqa: E402
+    from vhostd.device import NetDevice  # noqa: E402
     from vhostd.port import PortLog  # noqa: E402
     from vhostd.protocol import HEADER, VERSION, VERSION_MASK, FLAG_REPLY  # noqa: E402
     from vhostd.session import Session  # noqa: E402

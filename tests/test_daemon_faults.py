@@ -190,7 +190,7 @@ def test_worker_that_will_not_park_fails_only_its_port(tmp_path):
     and the event loop go on; once the worker comes back, its memory, fds and TAP
     are released."""
     need_root()
-    from vhostd import net
+    from vhostd import device
     from vhostd._native import lib
     from vhostd.config import DaemonConfig, PortConfig
     from vhostd.ctl import control_request
@@ -216,17 +216,17 @@ def test_worker_that_will_not_park_fails_only_its_port(tmp_path):
                 with pytest.raises((ConnectionClosed, OSError, TimeoutError)):
                     await asyncio.to_thread(g.fe.get_vring_base, 1)
                 assert "vstka" not in d.ports and "vstka" in d.failed
-                assert d.stuck_workers == 1 and net.stuck_count() == 1
+                assert d.stuck_workers == 1 and device.stuck_count() == 1
                 ports = await asyncio.to_thread(control_request, ctl, {"cmd": "ports"})
                 row = next(p for p in ports["ports"] if p["name"] == "vstka")
                 assert row["state"] == "failed" and "stuck" in row["error"]
                 await asyncio.to_thread(port_carries_traffic, b, ns, "vstkb")
                 # the worker comes back after its stall; housekeeping releases it
                 for _ in range(200):
-                    if net.stuck_count() == 0:
+                    if device.stuck_count() == 0:
                         break
                     await asyncio.sleep(0.1)
-                assert net.stuck_count() == 0
+                assert device.stuck_count() == 0
             finally:
                 await asyncio.to_thread(g.close)
                 d.stopping.set()

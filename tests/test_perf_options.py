@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from vhostd import native
+from vhostd import device
 from vhostd._native import ffi, lib
 from vhostd.cli import daemon_config, vhostd_parser
 from vhostd.config import PortConfig, check_port, load_config, parse_cpus
@@ -71,7 +71,7 @@ def test_io_mode_switch_and_reason():
 
         class QP:
             ptr = d.qp
-        assert native.io_mode_line([QP]) == "TAP I/O: readv/writev, one syscall per frame (tap_io = syscall)"
+        assert device.io_mode_line([QP]) == "TAP I/O: readv/writev, one syscall per frame (tap_io = syscall)"
     finally:
         d.close()
     assert lib.vr_qp_new(ffi.new("struct vr_mem *"), -1, 7) == ffi.NULL     # unknown mode
@@ -174,7 +174,7 @@ SECCOMP_CHILD = textwrap.dedent(r'''
     nr = sc.seccomp_syscall_resolve_name(b"io_uring_setup")
     assert sc.seccomp_rule_add(ctx, 0x00050000 | errno.EPERM, nr, 0) == 0   # ... but io_uring
     assert sc.seccomp_load(ctx) == 0
-    from vhostd import native
+    from vhostd import device
     from vhostd._native import lib
     from tests.datapath_harness import Dev, eth_frame, wait_for
     from tests.driver import net_hdr
@@ -183,7 +183,7 @@ SECCOMP_CHILD = textwrap.dedent(r'''
     assert lib.vr_qp_io_error(d.qp) == errno.EPERM, lib.vr_qp_io_error(d.qp)
     class QP:
         ptr = d.qp
-    print(native.io_mode_line([QP]))
+    print(device.io_mode_line([QP]))
     for i in range(5):
         d.send([net_hdr() + eth_frame(60, i)])
     for i in range(5):

@@ -22,7 +22,7 @@ from vhostd.config import RUNTIME_DIR, DaemonConfig, PortConfig, load_config
 from vhostd.control import ControlServer
 from vhostd.errors import SetupError, WorkerStuck
 from vhostd.metrics import MetricsServer
-from vhostd.net import reap_stuck
+from vhostd.device import reap_stuck
 from vhostd.port import Port
 
 log = logging.getLogger("vhostd")

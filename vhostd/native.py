@@ -5,9 +5,7 @@ NativeError here and nowhere else.
 """
 from __future__ import annotations
 
-import os
-
-from vhostd.errors import NativeError, SetupError
+from vhostd.errors import NativeError
 
 try:
     from vhostd._native import ffi, lib  # noqa: F401  (re-exported)
@@ -36,29 +34,3 @@ def check(rc: int, what: str) -> int:
     if rc < 0:
         raise NativeError(-rc, what)
     return rc
-
-
-def io_mode_line(qps) -> str:
-    """One log line: how the port's queue pairs talk to the TAP, and why."""
-    modes = {lib.vr_qp_io_mode(qp.ptr) for qp in qps}
-    if modes == {lib.VR_IO_URING}:
-        return "TAP I/O: io_uring (one io_uring_enter per TX burst)"
-    errs = {lib.vr_qp_io_error(qp.ptr) for qp in qps} - {0}
-    why = (f"io_uring unavailable: {', '.join(sorted(os.strerror(e) for e in errs))}" if errs
-           else "tap_io = syscall")
-    mixed = " for some queue pairs" if lib.VR_IO_URING in modes else ""
-    return f"TAP I/O: readv/writev, one syscall per frame{mixed} ({why})"
-
-
-def configure_workers(qps, busy_poll_us: int, cpus: tuple[int, ...], tx_copy_max: int) -> None:
-    """Busy-poll window, TX copy threshold and CPU placement of each queue pair's
-    worker (queue pair i on cpus[i % len(cpus)]). Raises SetupError."""
-    for qp in qps:
-        with qp.paused():
-            check(lib.vr_qp_set_busy_poll(qp.ptr, busy_poll_us), f"busy poll {busy_poll_us} us")
-            check(lib.vr_qp_set_tx_copy_max(qp.ptr, tx_copy_max), f"tx copy max {tx_copy_max}")
-        if cpus:
-            cpu = cpus[qp.index % len(cpus)]
-            rc = lib.vr_qp_set_cpu(qp.ptr, cpu)
-            if rc < 0:
-                raise SetupError(f"cannot pin queue pair {qp.index} to CPU {cpu}: {os.strerror(-rc)}")

@@ -14,13 +14,13 @@ import os
 import socket
 import time
 
-from vhostd import native, unixsock
+from vhostd import unixsock
 from vhostd import tap as taplib
 from vhostd.config import PortConfig
 from vhostd.connection import Connection
+from vhostd.device import NetDevice, io_mode_line
 from vhostd.dispatch import serve
 from vhostd.errors import SetupError
-from vhostd.net import NetDevice
 from vhostd.session import Session
 from vhostd.stats import totals
 
@@ -69,7 +69,7 @@ class Port:
             tap.close(remove=tap.created)  # a TAP this failed attempt created goes again
             raise
         try:
-            native.configure_workers(self.device.qps, c.busy_poll_us, c.cpu_affinity, c.tx_copy_max)
+            self.device.configure_workers(c.busy_poll_us, c.cpu_affinity, c.tx_copy_max)
         except BaseException:
             self.device.close()
             self.device = None
@@ -86,7 +86,7 @@ class Port:
             "TAP %s%s (%s), %d queue pair(s), %s %s", c.tap, where, state, c.queues,
             "connecting to" if c.client else "listening on", c.socket,
         )
-        self.log.info("%s", native.io_mode_line(self.device.qps))
+        self.log.info("%s", io_mode_line(self.device.qps))
 
     def _on_datapath_event(self) -> None:
         for line in self.device.check_events():

@@ -22,7 +22,7 @@ import struct
 
 from vhostd.fds import eventfd_count
 from vhostd.native import BROKEN_REASONS, ffi, lib
-from vhostd.net import F_EVENT_IDX
+from vhostd.virtio_net import F_EVENT_IDX
 
 VRING_USED_F_NO_NOTIFY = 1                          # virtio 1.1 §2.6.7 (not in the cdef)
 PACKED_EVENT_FLAGS = {0: "enable", 1: "disable", 2: "desc"}

@@ -8,15 +8,13 @@ raises RequestError to refuse a request.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
-from vhostd import tap as taplib
 from vhostd.connection import Connection
 from vhostd.errors import RequestError, WorkerStuck
 from vhostd.fds import OwnedFd, is_eventfd
-from vhostd.net import F_RING_PACKED, NetDevice, check_dependencies, feature_names
+from vhostd.device import NetDevice
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
     MemRegion,
@@ -26,6 +24,7 @@ from vhostd.protocol import (
     bit,
     pack_u64,
 )
+from vhostd.virtio_net import F_RING_PACKED, check_dependencies, feature_names
 from vhostd.vring import Vring
 
 # Alignment of the ring parts (virtio 1.1 §2.6 split: desc 16, avail 2, used 4;
@@ -140,11 +139,9 @@ class Session:
             raise RequestError("NET_SET_MTU without the NET_MTU protocol feature")
         if not 68 <= mtu <= 65535:
             raise RequestError(f"MTU {mtu} out of range (68..65535)")
-        if mtu != self.device.mtu:
-            # A SetupError (above the TAP's max MTU 65521, no CAP_NET_ADMIN) is a
-            # refused request: dispatch answers it with a failure reply.
-            await asyncio.to_thread(taplib.configure_link, self.device.tap, mtu)
-            self.device.set_mtu(mtu)
+        # A SetupError (above the TAP's max MTU 65521, no CAP_NET_ADMIN) is a
+        # refused request: dispatch answers it with a failure reply.
+        await self.device.change_mtu(mtu)
         self.log.info("MTU %d", mtu)
 
     def set_status(self, status: int) -> None:

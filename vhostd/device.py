@@ -1,12 +1,17 @@
-"""The virtio-net device behind one port: offered features, queue pairs, TAP, memory.
+"""The virtio-net device behind one port: queue pairs and their C workers, the TAP
+queues, guest memory, MTU and counters; what a stuck worker leaves behind.
 
-virtio 1.2 §5.1 (network device): virtqueue 2n is receiveq n, 2n+1 transmitq n.
-Each queue pair is served by one C worker (csrc/worker.c) bound to one TAP
-queue fd. The control plane pauses a pair's worker around every change of its
-rings, and every pair of the device around a change of the memory table.
+virtio 1.2 §5.1.2: virtqueue 2n is receiveq n, 2n+1 transmitq n. Each queue pair
+is served by one C worker (csrc/worker.c) bound to one TAP queue fd. The
+control plane pauses a pair's worker around every change of its rings, and
+every pair of the device around a change of the memory table or the features.
+A worker that does not park within the pause timeout raises WorkerStuck: its
+port fails, and what the worker may still touch is kept until it comes back
+(reap_stuck). Feature policy lives in virtio_net.py; this module applies it.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -14,128 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vhostd import tap as taplib
+from vhostd.errors import SetupError, WorkerStuck
 from vhostd.fds import OwnedFd, close_all
-from vhostd.errors import NativeError, RequestError, SetupError, WorkerStuck
 from vhostd.memory import GuestMemory, MappedRegion
 from vhostd.native import BROKEN_REASONS, RX, TX, check, ffi, lib
-from vhostd.protocol import F_PROTOCOL_FEATURES, ProtocolFeature, bit
 from vhostd.stats import VQ_COUNTERS, vq_counters
+from vhostd.virtio_net import OFFERED_PROTOCOL_FEATURES, offered_features, tap_offloads, vnet_hdr_len
 from vhostd.vring import Vring
 
 log = logging.getLogger(__name__)
-
-# virtio feature bits (virtio 1.2 §5.1.3, §6)
-F_GUEST_CSUM = 1
-F_GUEST_TSO4 = 7
-F_GUEST_TSO6 = 8
-F_GUEST_ECN = 9
-F_GUEST_UFO = 10
-F_GUEST_USO4 = 54
-F_GUEST_USO6 = 55
-F_MQ = 22
-F_INDIRECT_DESC = 28
-F_EVENT_IDX = 29
-F_VERSION_1 = 32
-F_MRG_RXBUF = 15
-
-FEATURE_NAMES = {
-    0: "CSUM", 1: "GUEST_CSUM", 3: "MTU", 7: "GUEST_TSO4", 8: "GUEST_TSO6", 9: "GUEST_ECN",
-    10: "GUEST_UFO", 11: "HOST_TSO4", 12: "HOST_TSO6", 13: "HOST_ECN", 14: "HOST_UFO",
-    15: "MRG_RXBUF", 22: "MQ", 26: "LOG_ALL", 28: "INDIRECT_DESC", 29: "EVENT_IDX",
-    30: "PROTOCOL_FEATURES", 32: "VERSION_1", 34: "RING_PACKED", 35: "IN_ORDER",
-    54: "GUEST_USO4", 55: "GUEST_USO6", 56: "HOST_USO",
-}
-
-
-def feature_names(features: int, names: dict[int, str] = FEATURE_NAMES) -> list[str]:
-    return [names.get(b, f"bit{b}") for b in range(64) if features >> b & 1]
-
-
-F_CSUM = 0
-F_MTU = 3
-F_HOST_TSO4 = 11
-F_HOST_TSO6 = 12
-F_HOST_ECN = 13
-F_HOST_UFO = 14
-F_RING_PACKED = 34
-F_HOST_USO = 56
-
-# What the datapath implements for every guest (the USO bits are added when the host's
-# TAP supports them, MTU when the port has one configured, MQ with several queue pairs).
-DATAPATH_FEATURES = sum(bit(b) for b in (
-    F_VERSION_1, F_INDIRECT_DESC, F_EVENT_IDX, F_MRG_RXBUF, F_RING_PACKED,
-    F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO,
-    F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO,
-))
-USO_FEATURES = bit(F_GUEST_USO4) | bit(F_GUEST_USO6) | bit(F_HOST_USO)
-
-
-def offered_features(queue_pairs: int, mtu: bool = False, uso: bool = False) -> int:
-    features = DATAPATH_FEATURES | bit(F_PROTOCOL_FEATURES)
-    if queue_pairs > 1:
-        features |= bit(F_MQ)
-    if mtu:
-        features |= bit(F_MTU)
-    if uso:
-        features |= USO_FEATURES
-    return features
-
-
-OFFERED_PROTOCOL_FEATURES = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.STATUS)
-                             | bit(ProtocolFeature.NET_MTU))
-
-
-# Guest receive offloads -> what the TAP may hand us (TUNSETOFFLOAD). All need GUEST_CSUM.
-_GUEST_OFFLOADS = (
-    (F_GUEST_TSO4, taplib.TUN_F_TSO4),
-    (F_GUEST_TSO6, taplib.TUN_F_TSO6),
-    (F_GUEST_ECN, taplib.TUN_F_TSO_ECN),
-    (F_GUEST_UFO, taplib.TUN_F_UFO),
-    (F_GUEST_USO4, taplib.TUN_F_USO4),
-    (F_GUEST_USO6, taplib.TUN_F_USO6),
-)
-
-
-def tap_offloads(features: int) -> int:
-    """TUN_F_* flags for the guest offloads acked: the TAP then passes GSO frames
-    and partial checksums straight through to the guest (virtio 1.2 §5.1.6.4)."""
-    if not features & bit(F_GUEST_CSUM):
-        return 0
-    flags = taplib.TUN_F_CSUM
-    for feature, tun_flag in _GUEST_OFFLOADS:
-        if features & bit(feature):
-            flags |= tun_flag
-    uso = taplib.TUN_F_USO4 | taplib.TUN_F_USO6
-    if flags & uso != uso:
-        # Linux's TUNSETOFFLOAD takes USO4 and USO6 only together (EINVAL otherwise):
-        # a guest that acked one of them gets UDP segments the TAP splits itself.
-        flags &= ~uso
-    return flags
-
-
-# virtio 1.2 §5.1.3.1: a driver must not accept a feature without the one it depends on.
-FEATURE_DEPENDS = (
-    (F_GUEST_TSO4, F_GUEST_CSUM), (F_GUEST_TSO6, F_GUEST_CSUM), (F_GUEST_UFO, F_GUEST_CSUM),
-    (F_GUEST_USO4, F_GUEST_CSUM), (F_GUEST_USO6, F_GUEST_CSUM), (F_HOST_TSO4, F_CSUM), (F_HOST_TSO6, F_CSUM),
-    (F_HOST_UFO, F_CSUM), (F_HOST_USO, F_CSUM),
-)
-
-
-def check_dependencies(features: int) -> str | None:
-    """A description of the first broken feature dependency, or None."""
-    for feature, needs in FEATURE_DEPENDS:
-        if features & bit(feature) and not features & bit(needs):
-            return f"{FEATURE_NAMES[feature]} acked without {FEATURE_NAMES[needs]}"
-    if features & bit(F_GUEST_ECN) and not features & (bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6)):
-        return "GUEST_ECN acked without GUEST_TSO4 or GUEST_TSO6"
-    if features & bit(F_HOST_ECN) and not features & (bit(F_HOST_TSO4) | bit(F_HOST_TSO6)):
-        return "HOST_ECN acked without HOST_TSO4 or HOST_TSO6"
-    return None
-
-
-def vnet_hdr_len(features: int) -> int:
-    """virtio 1.2 §5.1.6: num_buffers is present with VERSION_1 or MRG_RXBUF."""
-    return 12 if features & (bit(F_VERSION_1) | bit(F_MRG_RXBUF)) else 10
 
 
 def pause(qp: "QueuePair") -> None:
@@ -268,6 +160,19 @@ class NetDevice:
             self.close()
             raise
 
+    def configure_workers(self, busy_poll_us: int, cpus: tuple[int, ...], tx_copy_max: int) -> None:
+        """Busy-poll window, TX copy threshold and CPU placement of each queue pair's
+        worker (queue pair i on cpus[i % len(cpus)]). Raises SetupError or NativeError."""
+        for qp in self.qps:
+            with qp.paused():
+                check(lib.vr_qp_set_busy_poll(qp.ptr, busy_poll_us), f"busy poll {busy_poll_us} us")
+                check(lib.vr_qp_set_tx_copy_max(qp.ptr, tx_copy_max), f"tx copy max {tx_copy_max}")
+            if cpus:
+                cpu = cpus[qp.index % len(cpus)]
+                rc = lib.vr_qp_set_cpu(qp.ptr, cpu)
+                if rc < 0:
+                    raise SetupError(f"cannot pin queue pair {qp.index} to CPU {cpu}: {os.strerror(-rc)}")
+
     def qp_of(self, vring: Vring) -> QueuePair:
         return self.qps[vring.qp]
 
@@ -292,6 +197,13 @@ class NetDevice:
             for fd in self.tap.fds:
                 taplib.set_vnet_hdr_len(fd, hdr)
                 taplib.set_offload(fd, tap_offloads(acked))
+
+    async def change_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU: the TAP's link MTU (netlink blocks: in a thread), then the
+        datapath's. Raises SetupError when the link refuses it (nothing changed)."""
+        if mtu != self.mtu:
+            await asyncio.to_thread(taplib.configure_link, self.tap, mtu)
+            self.set_mtu(mtu)
 
     def set_mtu(self, mtu: int) -> None:
         """The MTU the datapath sizes mergeable RX buffers for (the TAP's)."""
@@ -403,9 +315,13 @@ class NetDevice:
         self.tap.close()
 
 
-def validate_vring_index(index: int, queue_pairs: int) -> None:
-    if index >= 2 * queue_pairs:
-        raise RequestError(f"vring index {index:#x} out of range (queues={queue_pairs})")
-
-
-__all__ = ["NetDevice", "QueuePair", "NativeError", "validate_vring_index"]
+def io_mode_line(qps) -> str:
+    """One log line: how the port's queue pairs talk to the TAP, and why."""
+    modes = {lib.vr_qp_io_mode(qp.ptr) for qp in qps}
+    if modes == {lib.VR_IO_URING}:
+        return "TAP I/O: io_uring (one io_uring_enter per TX burst)"
+    errs = {lib.vr_qp_io_error(qp.ptr) for qp in qps} - {0}
+    why = (f"io_uring unavailable: {', '.join(sorted(os.strerror(e) for e in errs))}" if errs
+           else "tap_io = syscall")
+    mixed = " for some queue pairs" if lib.VR_IO_URING in modes else ""
+    return f"TAP I/O: readv/writev, one syscall per frame{mixed} ({why})"

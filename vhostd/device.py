@@ -188,15 +188,19 @@ class NetDevice:
             for qp in reversed(paused):
                 lib.vr_qp_resume(qp.ptr)
 
-    def set_features(self, acked: int, vrings: list[Vring]) -> None:
+    def set_features(self, acked: int) -> list[bool]:
+        """Hands the acked features to every worker and the TAP (vnet header length,
+        offloads). A change of ring kind (split/packed) resets the vqs and re-maps
+        them: returns, per vring index, whether its rings are mapped now."""
         hdr = vnet_hdr_len(acked)
         with self.all_paused():
             for qp in self.qps:
                 check(lib.vr_qp_set_features(qp.ptr, acked, hdr), f"features {acked:#x}")
-            self._note_mapped(vrings)  # a change of ring kind resets and re-maps the vqs
+            mapped = self._mapped()
             for fd in self.tap.fds:
                 taplib.set_vnet_hdr_len(fd, hdr)
                 taplib.set_offload(fd, tap_offloads(acked))
+        return mapped
 
     async def change_mtu(self, mtu: int) -> None:
         """NET_SET_MTU: the TAP's link MTU (netlink blocks: in a thread), then the
@@ -212,68 +216,68 @@ class NetDevice:
                 check(lib.vr_qp_set_mtu(qp.ptr, mtu), f"mtu {mtu}")
         self.mtu = mtu
 
-    def install_memory(self, mapped: list[MappedRegion], vrings: list[Vring]) -> None:
+    def install_memory(self, mapped: list[MappedRegion]) -> list[bool]:
+        """Swaps in a new memory table (every worker paused) and re-maps every ring;
+        returns, per vring index, whether its rings are inside the new table."""
         with self.all_paused():
             old = self.mem.install(mapped)
             for qp in self.qps:
                 qp.map()
-            self._note_mapped(vrings)
+            rings_mapped = self._mapped()
         self.mem.release(old)
+        return rings_mapped
 
-    def apply(self, vring: Vring, base: int | None = None) -> None:
-        """Pushes one vring's configuration into its worker (paused around it)."""
+    def apply(self, vring: Vring, base: int | None = None) -> bool:
+        """Pushes one vring's configuration into its worker (paused around it), with
+        a new ring base if given; returns whether its rings are mapped."""
         qp = self.qp_of(vring)
-        self._steer(vring)
+        if vring.which == RX:
+            self._steer(vring.qp, vring.enabled)
         with qp.paused():
             qp.push(vring)
             if base is not None:
                 check(lib.vr_qp_set_base(qp.ptr, vring.which, base), f"vring {vring.index} base {base:#x}")
                 qp.reported_broken[vring.which] = 0  # C cleared a broken ring: log its next break
             qp.map()
-            self._note_mapped([vring])
+            return lib.vr_qp_mapped(qp.ptr, vring.which) == 1
 
-    def _steer(self, vring: Vring) -> None:
-        """Multi-queue: the TAP steers host frames only to queues of enabled pairs.
-        Pair 0 stays attached so the TAP never loses its last queue."""
-        if vring.which != RX or vring.qp == 0:
-            return
-        attached = vring.enabled
-        if self._attached[vring.qp] != attached:
-            taplib.set_queue_attached(self.tap.fds[vring.qp], attached)
-            self._attached[vring.qp] = attached
+    def _steer(self, qp: int, attached: bool) -> None:
+        """Multi-queue: the TAP steers host frames only to queues of pairs whose RX
+        ring is enabled. Pair 0 stays attached so the TAP never loses its last queue.
+        `_attached` is the device's own record of the TAP queues, not vring state."""
+        if qp != 0 and self._attached[qp] != attached:
+            taplib.set_queue_attached(self.tap.fds[qp], attached)
+            self._attached[qp] = attached
 
-    def _note_mapped(self, vrings: list[Vring]) -> None:
-        """Learns which rings C could map (caller holds their queue pairs' pause)."""
-        for v in vrings:
-            v.mapped = lib.vr_qp_mapped(self.qp_of(v).ptr, v.which) == 1
+    def _mapped(self) -> list[bool]:
+        """Per vring index: whether C could map its rings (caller holds every pause)."""
+        return [lib.vr_qp_mapped(qp.ptr, which) == 1 for qp in self.qps for which in (RX, TX)]
 
     def stop_vring(self, vring: Vring) -> int:
-        """GET_VRING_BASE: stops the ring and returns where the device stopped."""
+        """GET_VRING_BASE: stops the ring in C and returns where the device stopped."""
         qp = self.qp_of(vring)
         base = ffi.new("uint32_t *")
         with qp.paused():
             check(lib.vr_qp_get_base(qp.ptr, vring.which, base), f"vring {vring.index} base")
-            vring.started = False
             check(lib.vr_qp_set_started(qp.ptr, vring.which, 0), f"vring {vring.index}")
         return base[0]
 
-    def reset(self, vrings: list[Vring]) -> None:
-        """Forgets a frontend: rings idle, fds released, memory unmapped. The TAP stays.
-        With a stuck worker (WorkerStuck) the vring fds are kept, not closed: the
-        device holds them until close() hands everything to reap_stuck()."""
-        try:
-            with self.all_paused():
-                for v in vrings:
-                    self.qp_of(v).reset_vq(v.which)
-                self.mem.clear()
-        except WorkerStuck:
-            for v in vrings:
-                self._held.extend(f for f in (v.replace_fd(a, None) for a in ("kick", "call", "err")) if f)
-            raise
-        for v in vrings:
-            v.release()
-            v.enabled = True
-            self._steer(v)  # every TAP queue attached while no frontend is there
+    def reset(self) -> None:
+        """Forgets a frontend: every ring idle in C (its fds no longer watched, so the
+        caller may close them), memory unmapped, every TAP queue attached. The TAP
+        stays. Raises WorkerStuck: then the caller hands the vring fds to hold()."""
+        with self.all_paused():
+            for qp in self.qps:
+                for which in (RX, TX):
+                    qp.reset_vq(which)
+            self.mem.clear()
+        for i in range(self.queue_pairs):
+            self._steer(i, True)  # every TAP queue attached while no frontend is there
+
+    def hold(self, fds: list[OwnedFd]) -> None:
+        """Fds a stuck worker may still use: closed only once it has come back
+        (close() hands them to reap_stuck with the rest of the device)."""
+        self._held.extend(fds)
 
     def check_events(self) -> list[str]:
         """Log lines for vrings that broke since the last call (the worker's event fd fired)."""

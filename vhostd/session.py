@@ -43,6 +43,10 @@ class Session:
         self.vrings = [Vring(i) for i in range(2 * device.queue_pairs)]
         self.features = 0
         self.protocol_features = 0
+        # SET_OWNER and SET_STATUS are recorded (and the status echoed by
+        # GET_STATUS) but drive nothing yet: the device lifecycle will give them
+        # meaning (a session without an owner refusing ring set-up, status
+        # DRIVER_OK/reset acting on the rings).
         self.owner = False
         self.status = 0
         self.errors = 0
@@ -51,11 +55,23 @@ class Session:
 
     def close(self) -> None:
         try:
-            self.device.reset(self.vrings)
+            self._reset_device()
         except WorkerStuck:
             pass  # the device keeps what the worker may use; the port fails and closes it
         finally:
             self.conn.close()
+
+    def _reset_device(self) -> None:
+        """Every ring idle and memory unmapped, then the vring fds closed: only once
+        no worker watches them. A stuck worker may still use them: the device holds
+        them until it comes back (WorkerStuck goes on, the port fails)."""
+        try:
+            self.device.reset()
+        except WorkerStuck:
+            self.device.hold([f for v in self.vrings for f in v.take_fds()])
+            raise
+        for v in self.vrings:
+            v.release()
 
     # --- helpers for dispatch --------------------------------------------------
 
@@ -66,7 +82,12 @@ class Session:
         self.errors += 1
 
     def _apply(self, vring: Vring, base: int | None = None) -> None:
-        self.device.apply(vring, base)
+        """Pushes a vring into the datapath and records what the device found."""
+        vring.mapped = self.device.apply(vring, base)
+
+    def _note_mapped(self, mapped: list[bool]) -> None:
+        for v in self.vrings:
+            v.mapped = mapped[v.index]
 
     def describe(self) -> dict:
         return {
@@ -100,7 +121,7 @@ class Session:
         if broken:
             raise RequestError(f"features {features:#x}: {broken}")
         self.features = features
-        self.device.set_features(features, self.vrings)
+        self._note_mapped(self.device.set_features(features))
         self.log.info("features: %s", " ".join(feature_names(features)) or "none")
         if not features & bit(F_PROTOCOL_FEATURES):
             # Spec: without PROTOCOL_FEATURES rings are enabled from the start.
@@ -126,7 +147,7 @@ class Session:
 
     def reset_owner(self) -> None:
         """Deprecated RESET_OWNER: back to the state of a fresh connection."""
-        self.device.reset(self.vrings)
+        self._reset_device()
         self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
         self.features = 0
         self.owner = False
@@ -158,7 +179,7 @@ class Session:
         if len(fds) != len(regions):
             raise RequestError(f"{len(regions)} memory regions but {len(fds)} fds")
         mapped = self.device.mem.prepare(regions, fds)
-        self.device.install_memory(mapped, self.vrings)
+        self._note_mapped(self.device.install_memory(mapped))
         self.log.info(
             "memory table: %d regions, %d MiB", len(regions), sum(r.size for r in regions) >> 20
         )
@@ -246,6 +267,7 @@ class Session:
     def get_vring_base(self, state: VringState) -> bytes:
         v = self.vrings[state.index]
         base = self.device.stop_vring(v)
+        v.started = False
         self.log.debug("vring %d stopped at %#x", v.index, base)
         return VringState(state.index, base).pack()
 

@@ -1,10 +1,35 @@
-"""Per-virtqueue configuration as the frontend set it (vhost-user spec, "Ring states").
+"""One virtqueue as the frontend configured it, and the vring lifecycle.
 
-A ring is *started* by SET_VRING_KICK and *stopped* by GET_VRING_BASE; it is,
-independently, *enabled* or *disabled* by SET_VRING_ENABLE (rings start disabled
-when VHOST_USER_F_PROTOCOL_FEATURES is negotiated, enabled otherwise). This
-object mirrors what the C side holds so that the control plane can validate and
-report without asking the datapath; net.py pushes it into C.
+Lifecycle (vhost-user spec "Ring states"; the C datapath holds a copy of each
+flag, pushed by device.apply):
+
+  num, addr, base  SET_VRING_NUM / SET_VRING_ADDR / SET_VRING_BASE; kept across
+                   a stop and a start.
+  started          SET_VRING_KICK with an fd starts the ring; GET_VRING_BASE
+                   stops it and returns where the device stopped. Replacing the
+                   kick fd of a started ring keeps it started.
+  enabled          SET_VRING_ENABLE 1/0, independent of started. With
+                   VHOST_USER_F_PROTOCOL_FEATURES negotiated rings start
+                   disabled; without it SET_FEATURES enables every ring.
+  mapped           a fact the device reports (apply, install_memory,
+                   set_features): C could translate desc, avail and used through
+                   the current memory table. A new table or address re-maps.
+  broken           set by the C worker alone when the guest breaks the ring (bad
+                   chain, buffer outside memory, blocking eventfd ...): counted
+                   and logged (device.check_events), never stored here. A new
+                   SET_VRING_BASE clears it, and so does the next frontend.
+
+  serviced = num and mapped and started and not broken (C: vr_vq_ready). A
+  serviced ring that is disabled consumes TX chains and drops them
+  (drop_disabled); on RX it takes no frames from the TAP.
+
+One writer: only Session changes started, enabled and mapped. The device reads
+a Vring to push it into C and returns facts; it never writes one. TAP queue
+steering (a multi-queue TAP sends host frames only to pairs whose RX ring is
+enabled) is the device's own state.
+
+The kick/call/err fds are owned here; a replaced or released fd is closed only
+once the datapath no longer watches it (Session._set_fd, Session._reset_device).
 """
 from __future__ import annotations
 
@@ -12,6 +37,8 @@ from dataclasses import dataclass
 
 from vhostd.fds import OwnedFd
 from vhostd.protocol import VringAddr
+
+_FDS = ("kick", "call", "err")
 
 
 @dataclass
@@ -47,12 +74,14 @@ class Vring:
         setattr(self, attr, new)
         return old
 
+    def take_fds(self) -> list[OwnedFd]:
+        """Detaches every fd of the vring and returns them (the caller now owns them)."""
+        return [f for f in (self.replace_fd(a, None) for a in _FDS) if f is not None]
+
     def release(self) -> None:
-        for attr in ("kick", "call", "err"):
-            f = getattr(self, attr)
-            if f is not None:
-                f.close()
-                setattr(self, attr, None)
+        """Closes every fd of the vring (the datapath no longer watches them)."""
+        for f in self.take_fds():
+            f.close()
 
     def describe(self) -> dict:
         return {

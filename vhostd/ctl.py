@@ -24,8 +24,7 @@ import time
 
 from vhostd.config import DEFAULT_CONTROL_PATH
 from vhostd.errors import ControlError
-
-DROPS = ("drop_ring_full", "drop_tap_busy", "drop_tap_error", "drop_bad_desc", "drop_bad_hdr", "drop_disabled")
+from vhostd.stats import DROP_COUNTERS
 
 
 def control_request(path: str, req: dict, timeout: float = 10.0) -> dict:
@@ -85,8 +84,8 @@ def print_stats(stats: list[dict]) -> None:
         print(f"  {'QUEUE':<6}" + "".join(f"{c:>17}" for c in cols) + f"{'drops':>12}")
         for q in port["queues"]:
             label = f"{q['dir']}{q['queue_pair']}"
-            print(f"  {label:<6}" + "".join(f"{q[c]:>17}" for c in cols) + f"{sum(q[d] for d in DROPS):>12}")
-            nonzero = [f"{d}={q[d]}" for d in DROPS if q[d]]
+            print(f"  {label:<6}" + "".join(f"{q[c]:>17}" for c in cols) + f"{sum(q[d] for d in DROP_COUNTERS):>12}")
+            nonzero = [f"{d}={q[d]}" for d in DROP_COUNTERS if q[d]]
             if nonzero:
                 print(f"  {'':<6}  drops: {' '.join(nonzero)}")
 
@@ -121,8 +120,8 @@ def rates(prev: list[dict], cur: list[dict], dt: float) -> list[dict]:
             b = before.get((p["port"], q["vring"]))
             if b is None:
                 continue
-            r = {k: max(0, q[k] - b[k]) / dt for k in ("packets", "bytes", "kicks", "calls", *DROPS)}
-            r["drops"] = sum(r[d] for d in DROPS)
+            r = {k: max(0, q[k] - b[k]) / dt for k in ("packets", "bytes", "kicks", "calls", *DROP_COUNTERS)}
+            r["drops"] = sum(r[d] for d in DROP_COUNTERS)
             out.append({"port": p["port"], "queue": f"{q['dir']}{q['queue_pair']}", **r})
     return out
 

@@ -11,24 +11,9 @@ import logging
 
 from vhostd.config import parse_listen
 from vhostd.errors import SetupError
-from vhostd.stats import BATCH_BUCKETS, VQ_COUNTERS
+from vhostd.stats import BATCH_BUCKETS, HELP, VQ_COUNTERS
 
 log = logging.getLogger("vhostd.metrics")
-
-_HELP = {
-    "packets": "Frames moved through the queue",
-    "bytes": "Frame bytes moved through the queue (vnet header excluded)",
-    "drop_ring_full": "Frames dropped: no guest buffer large enough",
-    "drop_tap_busy": "Frames dropped: TAP write would block",
-    "drop_tap_error": "Frames dropped: TAP write failed",
-    "drop_bad_desc": "Descriptor chains rejected as malformed",
-    "drop_bad_hdr": "Frames dropped: invalid virtio-net header",
-    "drop_disabled": "Frames dropped: ring started but disabled",
-    "kicks": "Guest notifications (kicks) received",
-    "calls": "Guest interrupts (calls) sent",
-    "calls_suppressed": "Guest interrupts skipped because the guest suppressed them",
-}
-
 
 def _esc(v: str) -> str:
     return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -41,7 +26,7 @@ def render(daemon) -> str:
     for direction in ("rx", "tx"):
         for name in VQ_COUNTERS:
             metric = f"vhostd_{direction}_{name}_total"
-            lines.append(f"# HELP {metric} {_HELP[name]} ({direction.upper()}).")
+            lines.append(f"# HELP {metric} {HELP[name]} ({direction.upper()}).")
             lines.append(f"# TYPE {metric} counter")
             for p, q in rows:
                 if q["dir"] == direction:

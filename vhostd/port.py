@@ -22,13 +22,12 @@ from vhostd.device import NetDevice, io_mode_line
 from vhostd.dispatch import serve
 from vhostd.errors import SetupError
 from vhostd.session import Session
-from vhostd.stats import totals
+from vhostd.stats import DROP_COUNTERS, totals
 
 log = logging.getLogger("vhostd")
 
 CLIENT_RETRY_S = 1.0
 DROP_REPORT_INTERVAL_S = 60.0  # at most one drop summary per port per minute
-DROP_KEYS = ("drop_ring_full", "drop_tap_busy", "drop_tap_error", "drop_bad_desc", "drop_bad_hdr", "drop_disabled")
 
 
 class PortLog(logging.LoggerAdapter):
@@ -175,7 +174,7 @@ class Port:
         if now - self._drops_logged_at < DROP_REPORT_INTERVAL_S:
             return
         t = totals(self.device.counters())
-        current = {k: v for k, v in t.items() if k.split("_", 1)[1] in DROP_KEYS}
+        current = {k: v for k, v in t.items() if k.split("_", 1)[1] in DROP_COUNTERS}
         grown = {k: v - self._drops_reported.get(k, 0) for k, v in current.items()
                  if v > self._drops_reported.get(k, 0)}
         if grown:

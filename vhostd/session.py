@@ -14,6 +14,7 @@ import time
 from vhostd.connection import Connection
 from vhostd.errors import RequestError, WorkerStuck
 from vhostd.fds import OwnedFd, is_eventfd
+from vhostd.native import lib
 from vhostd.device import NetDevice
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
@@ -31,6 +32,10 @@ from vhostd.vring import Vring
 # §2.7.10.1 packed: desc 16, driver and device event areas 4), as (desc, avail, used).
 _SPLIT_ALIGN = (16, 2, 4)
 _PACKED_ALIGN = (16, 4, 4)
+
+# virtio 1.2 §2.6 (split: a power of 2) and §2.7 (packed: any size) both cap a
+# queue at 32768 entries; the datapath's limit is the same constant.
+MAX_QUEUE_SIZE = lib.VR_MAX_QUEUE_SIZE
 
 
 class Session:
@@ -196,10 +201,10 @@ class Session:
     def set_vring_num(self, state: VringState) -> None:
         num = state.num
         if self.packed:
-            if not 1 <= num <= 32768:
-                raise RequestError(f"vring {state.index} size {num:#x} invalid (packed: 1..0x8000)")
-        elif num == 0 or num > 32768 or num & (num - 1):
-            raise RequestError(f"vring {state.index} size {num:#x} invalid (power of 2, 1..0x8000)")
+            if not 1 <= num <= MAX_QUEUE_SIZE:
+                raise RequestError(f"vring {state.index} size {num:#x} invalid (packed: 1..{MAX_QUEUE_SIZE:#x})")
+        elif num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise RequestError(f"vring {state.index} size {num:#x} invalid (power of 2, 1..{MAX_QUEUE_SIZE:#x})")
         v = self.vrings[state.index]
         v.num = num
         self._apply(v)

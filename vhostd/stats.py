@@ -1,23 +1,41 @@
-"""Counter names over the C per-vq counters (struct vr_vq_stats in csrc/vhostd.h).
+"""The per-vq counters: the one table of their names, help texts and which count
+drops, over the C counters (struct vr_vq_stats in csrc/vhostd.h).
 
 The datapath increments plain u64 fields with no locks; this module only names
-and reads them. Totals carry over from one frontend connection to the next.
+and reads them. vhostctl (ctl.py), the Prometheus exposition (metrics.py) and the
+port's drop summary (port.py) all take the names from COUNTERS. A new counter: a
+field in struct vr_vq_stats, a row here (tests/test_stats.py checks they agree).
+Totals carry over from one frontend connection to the next (device.QueuePair).
 """
 from __future__ import annotations
 
-VQ_COUNTERS = (
-    "packets",
-    "bytes",
-    "drop_ring_full",
-    "drop_tap_busy",
-    "drop_tap_error",
-    "drop_bad_desc",
-    "drop_bad_hdr",
-    "drop_disabled",
-    "kicks",
-    "calls",
-    "calls_suppressed",
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Counter:
+    name: str   # the struct vr_vq_stats field, and the key in every report
+    help: str   # one line, for the metrics' HELP
+    drop: bool = False  # a frame or chain lost: summed as drops, summarized in the log
+
+
+COUNTERS = (
+    Counter("packets", "Frames moved through the queue"),
+    Counter("bytes", "Frame bytes moved through the queue (vnet header excluded)"),
+    Counter("drop_ring_full", "Frames dropped: no guest buffer large enough", drop=True),
+    Counter("drop_tap_busy", "Frames dropped: TAP write would block", drop=True),
+    Counter("drop_tap_error", "Frames dropped: TAP write failed", drop=True),
+    Counter("drop_bad_desc", "Descriptor chains rejected as malformed", drop=True),
+    Counter("drop_bad_hdr", "Frames dropped: invalid virtio-net header", drop=True),
+    Counter("drop_disabled", "Frames dropped: ring started but disabled", drop=True),
+    Counter("kicks", "Guest notifications (kicks) received"),
+    Counter("calls", "Guest interrupts (calls) sent"),
+    Counter("calls_suppressed", "Guest interrupts skipped because the guest suppressed them"),
 )
+
+VQ_COUNTERS = tuple(c.name for c in COUNTERS)
+DROP_COUNTERS = tuple(c.name for c in COUNTERS if c.drop)
+HELP = {c.name: c.help for c in COUNTERS}
 
 BATCH_BUCKETS = ("1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+")
 

@@ -1,0 +1,389 @@
+"""session.py, the meaning of each request, against a fake device: no root, no
+daemon, no C worker. The integration tests (test_daemon.py, test_hostile_messages.py)
+run the same rules through a real vhostd process.
+
+Covered: feature negotiation (offers, dependencies, rings enabled without
+PROTOCOL_FEATURES), the ring-state rules (queue sizes, alignment, bases, enable,
+start and stop, `mapped` as the device reports it), the order of an fd
+replacement (the device stops watching the old fd before it is closed), refused
+requests, the split-ring resync, and what a stuck worker leaves to the device.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+
+import pytest
+
+from vhostd.dispatch import dispatch
+from vhostd.errors import RequestError, WorkerStuck
+from vhostd.fds import OwnedFd
+from vhostd.protocol import (
+    F_PROTOCOL_FEATURES,
+    Header,
+    MemRegion,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    VringState,
+    bit,
+    pack_u64,
+)
+from vhostd.session import MAX_QUEUE_SIZE, Session
+from vhostd.virtio_net import (
+    F_CSUM,
+    F_HOST_TSO4,
+    F_RING_PACKED,
+    F_VERSION_1,
+    OFFERED_PROTOCOL_FEATURES,
+    offered_features,
+)
+
+MEM_END = 1 << 30  # the fake memory table covers frontend addresses [0, MEM_END)
+ADDR = VringAddr(0, 0, desc=0x1000, used=0x3000, avail=0x2000, log=0)
+
+
+class FakeMemory:
+    def __init__(self):
+        self.regions: list = []
+        self.used_idx: dict[int, int] = {}  # used ring uva -> le16 idx, for pread
+
+    def __len__(self):
+        return len(self.regions)
+
+    @property
+    def total_size(self):
+        return sum(r.size for r in self.regions)
+
+    def prepare(self, regions, fds):
+        return list(regions)
+
+    def pread(self, uva, n):
+        idx = self.used_idx.get(uva - 2)
+        return None if idx is None else struct.pack("<H", idx)
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+class FakeDevice:
+    """What Session asks of device.NetDevice. `log` records each call in order;
+    apply() records the vring as pushed: ("apply", index, started, enabled, base,
+    (kick, call, err) fd numbers, whether the fds of the previous push were still
+    open: the datapath must stop watching an fd before it is closed)."""
+
+    def __init__(self, queue_pairs=1):
+        self.queue_pairs = queue_pairs
+        self.features = offered_features(queue_pairs)
+        self.protocol_features = OFFERED_PROTOCOL_FEATURES
+        self.mem = FakeMemory()
+        self.mtu = 1500
+        self.log: list[tuple] = []
+        self.held: list[OwnedFd] = []
+        self.stuck = False
+        self._pushed: dict[int, tuple] = {}
+
+    def _maps(self, v) -> bool:
+        return bool(v.configured and self.mem.regions and v.addr.used < MEM_END)
+
+    def set_features(self, acked):
+        self.log.append(("set_features", acked))
+        return [False] * 2 * self.queue_pairs
+
+    async def change_mtu(self, mtu):
+        self.log.append(("change_mtu", mtu))
+        self.mtu = mtu
+
+    def install_memory(self, mapped):
+        self.mem.regions = mapped
+        self.log.append(("install_memory", len(mapped)))
+        return [True] * 2 * self.queue_pairs
+
+    def apply(self, vring, base=None):
+        fds = tuple(f.fd if f else None for f in (vring.kick, vring.call, vring.err))
+        before_open = all(is_open(n) for n in self._pushed.get(vring.index, ()) if n is not None)
+        self._pushed[vring.index] = fds
+        self.log.append(("apply", vring.index, vring.started, vring.enabled, base, fds, before_open))
+        return self._maps(vring)
+
+    def stop_vring(self, vring):
+        self.log.append(("stop", vring.index))
+        return 0x1234
+
+    def reset(self):
+        self.log.append(("reset",))
+        if self.stuck:
+            raise WorkerStuck("queue pair 0: the worker did not stop when asked (stuck)")
+
+    def hold(self, fds):
+        self.held.extend(fds)
+
+
+class FakeConn:
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def session():
+    s = Session(FakeDevice(), FakeConn(), logging.LoggerAdapter(logging.getLogger("test"), {}))
+    yield s
+    s.close()
+
+
+def eventfd() -> OwnedFd:
+    return OwnedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+
+
+def with_memory(s: Session) -> None:
+    s.set_mem_table([MemRegion(0, MEM_END, 0, 0)], [eventfd()])
+
+
+def applied(s: Session) -> list[tuple]:
+    return [e for e in s.device.log if e[0] == "apply"]
+
+
+# --- features -----------------------------------------------------------------------
+
+
+def test_get_features_offers_the_devices(session):
+    assert session.get_features() == pack_u64(session.device.features)
+    assert session.get_protocol_features() == pack_u64(OFFERED_PROTOCOL_FEATURES)
+    assert session.get_queue_num() == pack_u64(1)
+
+
+def test_features_not_offered_are_refused(session):
+    with pytest.raises(RequestError, match="not offered"):
+        session.set_features(bit(63))
+    with pytest.raises(RequestError, match="not offered"):
+        session.set_protocol_features(bit(ProtocolFeature.CONFIG))
+    assert session.features == 0 and session.device.log == []
+
+
+def test_feature_dependencies_are_enforced(session):
+    with pytest.raises(RequestError, match="HOST_TSO4 acked without CSUM"):
+        session.set_features(bit(F_VERSION_1) | bit(F_HOST_TSO4))
+    session.set_features(bit(F_VERSION_1) | bit(F_HOST_TSO4) | bit(F_CSUM))
+    assert ("set_features", session.features) in session.device.log
+
+
+def test_without_protocol_features_rings_start_enabled(session):
+    session.set_features(bit(F_VERSION_1))
+    assert all(v.enabled for v in session.vrings)
+    assert [e[1] for e in applied(session)] == [0, 1]
+
+
+def test_with_protocol_features_rings_start_disabled(session):
+    session.set_features(bit(F_VERSION_1) | bit(F_PROTOCOL_FEATURES))
+    assert not any(v.enabled for v in session.vrings) and applied(session) == []
+    session.set_protocol_features(bit(ProtocolFeature.REPLY_ACK))
+    assert session.protocol_acked(ProtocolFeature.REPLY_ACK)
+    assert not session.protocol_acked(ProtocolFeature.MQ)
+
+
+# --- ring state -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num", [0, 3, 96, MAX_QUEUE_SIZE * 2])
+def test_split_ring_size_must_be_a_power_of_two(session, num):
+    with pytest.raises(RequestError, match="power of 2"):
+        session.set_vring_num(VringState(0, num))
+
+
+def test_packed_ring_size_may_be_any_up_to_the_limit(session):
+    session.set_features(bit(F_VERSION_1) | bit(F_RING_PACKED) | bit(F_PROTOCOL_FEATURES))
+    session.set_vring_num(VringState(1, 96))
+    session.set_vring_num(VringState(0, MAX_QUEUE_SIZE))
+    assert (session.vrings[0].num, session.vrings[1].num) == (MAX_QUEUE_SIZE, 96)
+    with pytest.raises(RequestError, match="packed"):
+        session.set_vring_num(VringState(0, MAX_QUEUE_SIZE + 1))
+
+
+def test_ring_addresses_must_be_aligned(session):
+    with pytest.raises(RequestError, match="used address 0x3002 not 4-byte aligned"):
+        session.set_vring_addr(VringAddr(0, 0, 0x1000, 0x3002, 0x2000, 0))
+    with pytest.raises(RequestError, match="address flags"):
+        session.set_vring_addr(VringAddr(0, 2, 0x1000, 0x3000, 0x2000, 0))
+    assert session.vrings[0].addr is None
+
+
+def test_addresses_outside_memory_are_refused_and_the_old_ones_kept(session):
+    with_memory(session)
+    session.set_vring_num(VringState(0, 256))
+    session.set_vring_addr(ADDR)
+    assert session.vrings[0].mapped
+    outside = VringAddr(0, 0, MEM_END, MEM_END + 0x2000, MEM_END + 0x1000, 0)
+    with pytest.raises(RequestError, match="not inside guest memory"):
+        session.set_vring_addr(outside)
+    assert session.vrings[0].addr == ADDR and session.vrings[0].mapped
+
+
+def test_mapped_is_what_the_device_reports(session):
+    session.set_vring_num(VringState(0, 256))
+    session.set_vring_addr(ADDR)
+    assert not session.vrings[0].mapped  # no memory table yet
+    with_memory(session)
+    assert all(v.mapped for v in session.vrings)  # install_memory's answer
+
+
+def test_split_base_must_fit_16_bits(session):
+    with pytest.raises(RequestError, match="out of range for a split ring"):
+        session.set_vring_base(VringState(0, 0x10000))
+    session.set_vring_base(VringState(0, 0xFFFF))
+    assert applied(session)[-1][4] == 0xFFFF
+
+
+def test_packed_base_slot_must_be_inside_the_ring(session):
+    session.set_features(bit(F_VERSION_1) | bit(F_RING_PACKED) | bit(F_PROTOCOL_FEATURES))
+    session.set_vring_num(VringState(0, 96))
+    with pytest.raises(RequestError, match="slot beyond size"):
+        session.set_vring_base(VringState(0, 96))
+    with pytest.raises(RequestError, match="slot beyond size"):
+        session.set_vring_base(VringState(0, 0x8000 | (100 << 16)))
+    session.set_vring_base(VringState(0, 0x8000 | 95))
+
+
+def test_enable_takes_0_or_1(session):
+    with pytest.raises(RequestError, match="enable value 0x2"):
+        session.set_vring_enable(VringState(0, 2))
+    session.set_vring_enable(VringState(0, 1))
+    assert session.vrings[0].enabled and applied(session)[-1][3] is True
+    session.set_vring_enable(VringState(0, 0))
+    assert not session.vrings[0].enabled
+
+
+def test_kick_starts_and_get_vring_base_stops(session):
+    session.set_vring_kick(0, eventfd())
+    assert session.vrings[0].started and applied(session)[-1][2] is True
+    reply = session.get_vring_base(VringState(0, 0))
+    assert reply == VringState(0, 0x1234).pack()
+    assert not session.vrings[0].started and ("stop", 0) in session.device.log
+
+
+def test_polling_mode_is_refused(session):
+    with pytest.raises(RequestError, match="polling mode"):
+        session.set_vring_kick(0, None)
+    assert not session.vrings[0].started
+
+
+def test_call_fd_must_be_an_eventfd(session):
+    r, w = os.pipe()
+    os.close(w)
+    pipe = OwnedFd(r)
+    with pytest.raises(RequestError, match="not an eventfd"):
+        session.set_vring_call(0, pipe)
+    assert session.vrings[0].call is None
+    pipe.close()
+
+
+# --- fd replacement ------------------------------------------------------------------
+
+
+def test_replaced_fd_is_closed_only_after_the_device_stopped_watching_it(session):
+    first, second = eventfd(), eventfd()
+    old_number = first.fd
+    session.set_vring_call(0, first)
+    session.set_vring_call(0, second)
+    # the second push names the new fd, and the old one was still open then ...
+    push = applied(session)[-1]
+    assert push[5][1] == second.fd and push[6] is True
+    assert session.vrings[0].call is second
+    # ... it is closed after it
+    assert first.fd == -1 and not is_open(old_number)
+
+
+def test_no_fd_flag_releases_the_fd(session):
+    fd = eventfd()
+    session.set_vring_err(1, fd)
+    session.set_vring_err(1, None)
+    assert session.vrings[1].err is None and fd.fd == -1
+
+
+def test_vring_file_through_dispatch(session):
+    """dispatch hands the handler (index, fd): SET_VRING_CALL with an fd, then with
+    the no-fd flag, on vring 1; an index beyond the queue pairs is refused."""
+    fd = eventfd()
+
+    def request(raw, fds):
+        header = Header(Request.SET_VRING_CALL, 0x1, 8)
+        return asyncio.run(dispatch(session, header, pack_u64(raw), fds))
+
+    request(1, [fd])
+    assert session.vrings[1].call is fd
+    request(0x101, [])
+    assert session.vrings[1].call is None and fd.fd == -1
+    request(2, [eventfd()])
+    assert session.errors == 1
+
+
+# --- refused requests -----------------------------------------------------------------
+
+
+def test_net_set_mtu_needs_the_protocol_feature_and_a_sane_value(session):
+    with pytest.raises(RequestError, match="without the NET_MTU protocol feature"):
+        asyncio.run(session.net_set_mtu(9000))
+    session.set_protocol_features(bit(ProtocolFeature.NET_MTU))
+    with pytest.raises(RequestError, match="out of range"):
+        asyncio.run(session.net_set_mtu(67))
+    asyncio.run(session.net_set_mtu(9000))
+    assert session.device.log[-1] == ("change_mtu", 9000)
+
+
+def test_status_fits_8_bits(session):
+    with pytest.raises(RequestError, match="does not fit in 8 bits"):
+        session.set_status(0x100)
+    session.set_status(0xF)
+    assert session.get_status() == pack_u64(0xF)
+
+
+def test_memory_table_needs_one_fd_per_region(session):
+    with pytest.raises(RequestError, match="2 memory regions but 1 fds"):
+        session.set_mem_table([MemRegion(0, 0x1000, 0, 0), MemRegion(0x1000, 0x1000, 0x1000, 0)], [eventfd()])
+    assert len(session.device.mem) == 0
+
+
+# --- resync, reset, a stuck worker ------------------------------------------------------
+
+
+def test_split_ring_resyncs_to_used_idx_once_per_base(session):
+    with_memory(session)
+    session.set_vring_num(VringState(1, 256))
+    session.set_vring_addr(VringAddr(1, 0, 0x1000, 0x3000, 0x2000, 0))
+    session.device.mem.used_idx[0x3000] = 3
+    session.set_vring_base(VringState(1, 5))
+    session.set_vring_kick(1, eventfd())
+    assert session.vrings[1].base == 3 and applied(session)[-1][4] == 3
+    session.set_vring_enable(VringState(1, 1))  # already resynced: the base stays
+    assert applied(session)[-1][4] is None
+
+
+def test_reset_owner_forgets_the_frontend(session):
+    session.set_features(bit(F_VERSION_1))
+    kick = eventfd()
+    session.set_vring_kick(0, kick)
+    session.reset_owner()
+    assert session.features == 0 and kick.fd == -1
+    assert not any(v.started or v.enabled or v.kick for v in session.vrings)
+
+
+def test_close_with_a_stuck_worker_leaves_the_fds_to_the_device(session):
+    kick, call = eventfd(), eventfd()
+    session.set_vring_kick(0, kick)
+    session.set_vring_call(1, call)
+    session.device.stuck = True
+    session.close()
+    assert session.conn.closed
+    assert session.device.held == [kick, call] and kick.fd >= 0 and call.fd >= 0
+    assert not any(v.kick or v.call for v in session.vrings)
+    for f in session.device.held:
+        f.close()
+    session.device.stuck = False

@@ -1,8 +1,13 @@
-"""Shared fixtures: network namespaces, a real vhostd process, TAP-side packet sockets.
+"""Shared fixtures: network namespaces, a real vhostd process, TAP-side packet
+sockets, guest memory for the doubles' self-tests.
 
 Everything runs inside network namespaces the fixtures create; nothing is sent
 anywhere else. Tests that need root (TAP, netns) skip with the reason printed
 when run unprivileged; CI runs as root, so nothing skips there.
+
+The one way a test imports the doubles and helpers: `from tests.driver import
+...`, `from tests.traffic import ...`. This file puts the repository root on
+sys.path for that, whatever directory pytest was started from.
 """
 from __future__ import annotations
 
@@ -19,6 +24,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.driver.guestmem import GuestMemory  # noqa: E402
+
 ETH_P_ALL = 0x0003
 
 
@@ -48,6 +58,14 @@ def network_namespace():
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def mem():
+    """4 MiB of guest memory (a memfd) for the doubles' self-tests."""
+    m = GuestMemory(4 << 20)
+    yield m
+    m.close()
 
 
 @pytest.fixture

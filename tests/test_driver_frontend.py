@@ -20,20 +20,11 @@ import time
 
 import pytest
 
-try:
-    from tests.driver import constants as C
-    from tests.driver import frontend as F
-    from tests.driver.frontend import ConnectionClosed, Frontend, Nack, ProtocolError
-    from tests.driver.guestmem import GuestMemory
-    from tests.driver.split import SplitRing
-    from tests.driver_fixtures import mem  # noqa: F401  (the fixture)
-except ImportError:   # rootdir not on sys.path: tests/ itself is
-    from driver import constants as C
-    from driver import frontend as F
-    from driver.frontend import ConnectionClosed, Frontend, Nack, ProtocolError
-    from driver.guestmem import GuestMemory
-    from driver.split import SplitRing
-    from driver_fixtures import mem  # noqa: F401  (the fixture)
+from tests.driver import constants as C
+from tests.driver import frontend as F
+from tests.driver.frontend import ConnectionClosed, Frontend, Nack, ProtocolError
+from tests.driver.guestmem import GuestMemory
+from tests.driver.split import SplitRing
 
 
 # ============================================================================

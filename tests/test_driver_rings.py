@@ -18,18 +18,10 @@ import time
 
 import pytest
 
-try:
-    from tests.driver import constants as C
-    from tests.driver.guestmem import GuestMemory
-    from tests.driver.split import (DeviceError, RingFull, SplitRing, net_hdr,
-                                    parse_net_hdr, split_ring_layout, vring_need_event)
-    from tests.driver_fixtures import mem  # noqa: F401  (the fixture)
-except ImportError:   # rootdir not on sys.path: tests/ itself is
-    from driver import constants as C
-    from driver.guestmem import GuestMemory
-    from driver.split import (DeviceError, RingFull, SplitRing, net_hdr,
-                              parse_net_hdr, split_ring_layout, vring_need_event)
-    from driver_fixtures import mem  # noqa: F401  (the fixture)
+from tests.driver import constants as C
+from tests.driver.guestmem import GuestMemory
+from tests.driver.split import (DeviceError, RingFull, SplitRing, net_hdr,
+                                parse_net_hdr, split_ring_layout, vring_need_event)
 
 
 # ============================================================================

@@ -1,4 +1,4 @@
-"""The benchmark harness (scripts/bench.py) works: `--quick` runs every kind of
+"""The benchmark harness (bench/run.py) works: `--quick` runs every kind of
 point once — guest->TAP and TAP->guest with vhostd, DPDK's vhost+TAP forwarder and
 the raw TAP loop at 1 and 2 queue pairs, 64 KB GSO, round-trip latency — and
 produces a complete JSON document, a valid PNG and a results section that
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "scripts" / "bench.py"
+BENCH = ROOT / "bench" / "run.py"
 BEGIN = "<!-- bench:results:begin"
 END = "<!-- bench:results:end -->"
 
@@ -46,8 +46,8 @@ def quick(tmp_path_factory):
                         "--update-doc", "--doc", str(doc)],
                        capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
     wall = time.monotonic() - t0
-    print(f"\n--- scripts/bench.py --quick ({wall:.0f} s, exit {r.returncode}) ---\n{r.stdout}")
-    assert r.returncode == 0, f"bench.py --quick exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
+    print(f"\n--- bench/run.py --quick ({wall:.0f} s, exit {r.returncode}) ---\n{r.stdout}")
+    assert r.returncode == 0, f"bench/run.py --quick exit {r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
     with open(out_json) as f:
         data = json.load(f)
     return {"json": data, "png": png, "doc": doc, "stdout": r.stdout}

@@ -20,12 +20,10 @@ busy-polls a CPU, so each phase is kept short.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -33,7 +31,7 @@ import pytest
 import guest as g
 from test_guest_features import TAP, Counters, Env
 
-PROMPT = b"testpmd> "
+from bench.testpmd import PromptError, PromptReader, parse_port_stats
 RX_FRAMES = 10000
 RX_FLOWS = 64
 RX_FRAME_LEN = 88
@@ -72,50 +70,28 @@ class TestPmd:
         self.runtime_dir = f"/var/run/dpdk/{prefix}"  # EAL's files for this --file-prefix
         self.log_path = os.path.join(logdir or "/tmp", f"testpmd-{prefix}.log")
         self.proc: subprocess.Popen | None = None
-        self._buf = bytearray()
-        self._pos = 0
-        self._cond = threading.Condition()
-        self._eof = False
+        self._out: PromptReader | None = None
+        self._log = None
 
     def start(self, timeout: float = 60) -> str:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=g._set_pdeathsig)
-        threading.Thread(target=self._reader, daemon=True).start()
+        self._log = open(self.log_path, "wb", buffering=0)
+        self._out = PromptReader(self.proc.stdout.fileno(), self._to_log)
         return self._until_prompt(timeout)
 
-    def _reader(self) -> None:
-        assert self.proc and self.proc.stdout
-        with open(self.log_path, "wb") as log:
-            while True:
-                try:
-                    chunk = os.read(self.proc.stdout.fileno(), 65536)
-                except OSError:
-                    chunk = b""
-                with self._cond:
-                    if not chunk:
-                        self._eof = True
-                        self._cond.notify_all()
-                        return
-                    self._buf += chunk
-                    self._cond.notify_all()
-                log.write(chunk)
-                log.flush()
+    def _to_log(self, chunk: bytes) -> None:
+        if chunk:
+            self._log.write(chunk)
+        else:  # end of output
+            self._log.close()
 
     def _until_prompt(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                i = self._buf.find(PROMPT, self._pos)
-                if i >= 0:
-                    out = bytes(self._buf[self._pos:i])
-                    self._pos = i + len(PROMPT)
-                    return out.decode(errors="replace")
-                left = deadline - time.monotonic()
-                if self._eof or left <= 0:
-                    why = "exited" if self._eof else f"no prompt within {timeout}s"
-                    raise AssertionError(f"testpmd {why}\n{self.describe()}")
-                self._cond.wait(min(left, 0.2))
+        try:
+            return self._out.until_prompt(timeout)
+        except PromptError as exc:
+            raise AssertionError(f"testpmd {exc}\n{self.describe()}") from None
 
     def cmd(self, line: str, timeout: float = 30) -> str:
         assert self.proc and self.proc.stdin
@@ -125,14 +101,10 @@ class TestPmd:
 
     def port_stats(self) -> dict[str, int]:
         out = self.cmd("show port stats 0")
-        m_rx = re.search(r"RX-packets:\s*(\d+)\s+RX-missed:\s*(\d+)\s+RX-bytes:\s*(\d+)", out)
-        m_err = re.search(r"RX-errors:\s*(\d+)", out)
-        m_nombuf = re.search(r"RX-nombuf:\s*(\d+)", out)
-        m_tx = re.search(r"TX-packets:\s*(\d+)\s+TX-errors:\s*(\d+)\s+TX-bytes:\s*(\d+)", out)
-        assert m_rx and m_tx and m_err and m_nombuf, f"unparsable port stats:\n{out}"
-        return {"rx_packets": int(m_rx[1]), "rx_missed": int(m_rx[2]), "rx_bytes": int(m_rx[3]),
-                "rx_errors": int(m_err[1]), "rx_nombuf": int(m_nombuf[1]),
-                "tx_packets": int(m_tx[1]), "tx_errors": int(m_tx[2]), "tx_bytes": int(m_tx[3])}
+        try:
+            return parse_port_stats(out)
+        except ValueError as exc:
+            raise AssertionError(str(exc)) from None
 
     def quit(self, timeout: float = 20) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -153,8 +125,7 @@ class TestPmd:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def describe(self, lines: int = 40) -> str:
-        with self._cond:
-            text = bytes(self._buf).decode(errors="replace")
+        text = self._out.text() if self._out is not None else ""
         state = "running" if self.proc and self.proc.poll() is None else \
             f"exited rc={self.proc.returncode if self.proc else None}"
         return (f"--- testpmd ({state}): {' '.join(self.argv)}\n"

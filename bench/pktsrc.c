@@ -14,7 +14,7 @@
  * Usage: pktsrc IFNAME FRAME_SIZE STATSFILE [drain]
  * STATSFILE gets 4 u64s updated in place: [0] frames sent, [1] send errors.
  *
- * With "drain" it is the host-side consumer instead (scripts/bench.py --tx-drain):
+ * With "drain" it is the host-side consumer instead (bench/run.py --tx-drain):
  * an AF_PACKET socket on the interface takes every incoming frame with recvmmsg()
  * in batches of 64 (MSG_TRUNC: only the first 128 bytes are copied, the length is
  * the frame's) and counts it: [0] frames, [1] errors, [2] bytes. FRAME_SIZE is

@@ -8,7 +8,7 @@
  *   echo  receive frames on RX queue 0 and send each back on TX queue 0 with its
  *         MAC addresses swapped — the guest half of the latency measurement;
  *   rx    receive and count only (the former vusink; an alternative RX sink that
- *         sleeps instead of polling: `scripts/bench.py --rx-sink vufront`).
+ *         sleeps instead of polling: `bench/run.py --rx-sink vufront`).
  *
  * It connects to a backend's vhost-user socket (vhostd or DPDK's net_vhost),
  * offers QUEUES queue pairs (MQ when > 1) with split rings of QUEUE_SIZE, features

@@ -2,25 +2,26 @@
 """vhostd benchmark: vhostd vs DPDK 22.11's vhost-user + TAP forwarder vs the raw
 TAP limit, guest->TAP and TAP->guest, in one invocation with the same traffic.
 
-Run as root:   .venv/bin/python scripts/bench.py [--quick] [--update-doc] [--json PATH]
+Run as root:   .venv/bin/python bench/run.py [--quick] [--update-doc] [--json PATH]
 
 Contenders (each alone on CPU 1, started fresh for every point):
   vhostd  python -m vhostd --socket S --tap T --netns NS --queues Q [--vhostd-args ...]
   dpdk    dpdk-testpmd net_vhost0 (queues=Q) + net_tap0 (Q queues), --forward-mode=io
-  raw     scripts/bench/tapraw.c: its own TAP, one writev/readv per frame, Q threads
+  raw     bench/tapraw.c: its own TAP, one writev/readv per frame, Q threads
 Traffic (CPU 0):
   tx   guest->TAP: dpdk-testpmd virtio-user --forward-mode=txonly; counted at the TAP
-  rx   TAP->guest: scripts/bench/pktsrc.c floods the TAP from inside the namespace;
+  rx   TAP->guest: bench/pktsrc.c floods the TAP from inside the namespace;
        sink dpdk-testpmd virtio-user --forward-mode=rxonly (its RX-packets)
-  gso  guest->TAP 64 KB TCP GSO frames: scripts/bench/vufront.c gso (vhostd, raw)
-  lat  round trip: scripts/bench/pinger.c -> TAP -> backend -> vufront echo -> back
+  gso  guest->TAP 64 KB TCP GSO frames: bench/vufront.c gso (vhostd, raw)
+  lat  round trip: bench/pinger.c -> TAP -> backend -> vufront echo -> back
 Frame sizes 64/512/1500 B, queue pairs 1 and 2. Reported: Mpps, Gbit/s, CPU seconds
 per million packets of every process, vhostd/DPDK and vhostd/raw, latency median
 and p99; a PNG plot; --update-doc rewrites the results section of docs/benchmarks.md.
 
 Everything lives in a private network namespace, a temp dir under /run and unique
 DPDK file prefixes; all of it is removed on exit, Ctrl-C or failure.
-Modules: scripts/bench/util.py (plumbing), harness.py (points), report.py (output).
+Modules: bench/util.py (plumbing), harness.py (points), report.py (output),
+testpmd.py (the dpdk-testpmd prompt reader, shared with tests/e2e); see bench/README.md.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its modules, also when loaded by perf_ab.py
 
 import report
 from harness import BACKEND_CPU, CONTENDERS, GEN_CPU, GSO_FRAME, QUEUE_SIZE, TAP_MTU, Bench
@@ -132,7 +133,7 @@ def invocation(argv: list[str] | None) -> str:
     exe = sys.executable
     py = os.path.relpath(exe, REPO) if exe.startswith(REPO + os.sep) else "python3"
     args = argv if argv is not None else sys.argv[1:]
-    return " ".join([py, "scripts/bench.py"] + [shlex.quote(a) for a in args])
+    return " ".join([py, "bench/run.py"] + [shlex.quote(a) for a in args])
 
 
 def measure(args, argv) -> tuple[dict, int]:

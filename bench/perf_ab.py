@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""A/B of vhostd builds (and DPDK) with scripts/bench.py's harness, for docs/notes/perf-changes.md.
+"""A/B of vhostd builds (and DPDK) with bench/run.py's harness, for docs/notes/perf-changes.md.
 
-    python3 scripts/bench/perf_ab.py --variant base=/tmp/snap-base \\
+    python3 bench/perf_ab.py --variant base=/tmp/snap-base \\
         --variant new=/tmp/snap-new --variant new-sys=/tmp/snap-new:--tap-io=syscall \\
         [--dpdk] [--dirs tx] [--sizes 64] [--reps 4] [--seconds 5]
 
@@ -14,7 +14,7 @@ repetition measures every variant once, in a rotating order; the summary gives
 per variant the median rate, the median backend CPU microseconds per packet and
 the median of the per-repetition ratios against the first variant (pairs
 measured within a minute of each other, which is what survives this machine's
-noise). Windows, retries and foreign-load accounting are bench.py's.
+noise). Windows, retries and foreign-load accounting are run.py's.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("vhbench", os.path.join(os.path.dirname(HERE), "bench.py"))
+_spec = importlib.util.spec_from_file_location("vhbench", os.path.join(HERE, "run.py"))
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 

@@ -1,4 +1,4 @@
-"""Plumbing of the benchmark harness (scripts/bench.py): child processes, the
+"""Plumbing of the benchmark harness (bench/run.py): child processes, the
 interactive dpdk-testpmd driver, CPU accounting from /proc, stats files written by
 the C helpers, and the machine description.
 
@@ -10,16 +10,16 @@ import datetime
 import hashlib
 import os
 import platform
-import re
 import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HELPERS = os.path.join(REPO, "scripts", "bench")
+from testpmd import PromptError, PromptReader, parse_port_stats
+
+HELPERS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HELPERS)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -100,51 +100,24 @@ class Proc:
 
 class TestPmd(Proc):
     """dpdk-testpmd in interactive mode (-i) under `stdbuf -o0`, driven through its
-    prompt: `show port stats 0` gives exact counters at the moment we ask."""
-
-    PROMPT = b"testpmd> "
+    prompt (testpmd.py): `show port stats 0` gives exact counters at the moment we ask."""
 
     def __init__(self, name: str, argv: list[str], logdir: str):
         super().__init__(name, argv, logdir, stdin_pipe=True, stdout_pipe=True)
-        self._buf = bytearray()
-        self._pos = 0
-        self._eof = False
-        self._cond = threading.Condition()
-        threading.Thread(target=self._reader, daemon=True).start()
+        self._out = PromptReader(self.p.stdout.fileno(), self._to_log)
 
-    def _reader(self) -> None:
-        fd = self.p.stdout.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            with self._cond:
-                if not chunk:
-                    self._eof = True
-                    self._cond.notify_all()
-                    return
-                self._buf += chunk
-                self._cond.notify_all()
-            try:
-                self._log.write(chunk)
-                self._log.flush()
-            except ValueError:      # log closed by stop()
-                pass
+    def _to_log(self, chunk: bytes) -> None:
+        try:
+            self._log.write(chunk)
+            self._log.flush()
+        except ValueError:      # log closed by stop()
+            pass                # (b"" at the end: nothing to write; stop() closes it)
 
     def prompt(self, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                i = self._buf.find(self.PROMPT, self._pos)
-                if i >= 0:
-                    out = bytes(self._buf[self._pos:i])
-                    self._pos = i + len(self.PROMPT)
-                    return out.decode(errors="replace")
-                left = deadline - time.monotonic()
-                if self._eof or left <= 0:
-                    raise BenchError(f"{self.name}: {'exited' if self._eof else 'no prompt'}:\n{self.tail()}")
-                self._cond.wait(min(left, 0.2))
+        try:
+            return self._out.until_prompt(timeout)
+        except PromptError as exc:
+            raise BenchError(f"{self.name}: {exc}:\n{self.tail()}") from None
 
     def cmd(self, line: str, timeout: float = 30.0) -> str:
         try:
@@ -156,12 +129,11 @@ class TestPmd(Proc):
 
     def port_stats(self, port: int = 0) -> tuple[int, int, int, int]:
         """(rx_packets, rx_bytes, tx_packets, tx_bytes) of PORT."""
-        out = self.cmd(f"show port stats {port}")
-        rx = re.search(r"RX-packets:\s*(\d+)\s+RX-missed:\s*\d+\s+RX-bytes:\s*(\d+)", out)
-        tx = re.search(r"TX-packets:\s*(\d+)\s+TX-errors:\s*\d+\s+TX-bytes:\s*(\d+)", out)
-        if not (rx and tx):
-            raise BenchError(f"{self.name}: unparsable port stats:\n{out}")
-        return int(rx[1]), int(rx[2]), int(tx[1]), int(tx[2])
+        try:
+            st = parse_port_stats(self.cmd(f"show port stats {port}"))
+        except ValueError as exc:
+            raise BenchError(f"{self.name}: {exc}") from None
+        return st["rx_packets"], st["rx_bytes"], st["tx_packets"], st["tx_bytes"]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 8.0) -> None:
         if self.alive():

@@ -76,7 +76,7 @@ class Bench:
         self.seq = 0
         self.bin: dict[str, str] = {}
         self.ksoftirqd = ksoftirqd_pids()
-        self.retries = args.retries      # per point; bench.py sets 0 when behind schedule
+        self.retries = args.retries      # per point; run.py sets 0 when behind schedule
 
     # ------------------------------------------------------------ setup / cleanup
 
@@ -348,7 +348,7 @@ class Bench:
                 os.unlink(sock)
 
     def run_tx(self, kind: str, size: int) -> dict:
-        """The one-queue harness's entry points (scripts/bench/perf_ab.py-style callers)."""
+        """The one-queue harness's entry points (bench/perf_ab.py-style callers)."""
         return self.point("tx", kind, size, 1)
 
     def run_rx(self, kind: str, size: int) -> dict:

@@ -34,7 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "../../csrc/vr_uring.h"
+#include "../csrc/vr_uring.h"
 
 #define NBUF 1024
 #define BUFSZ 2048

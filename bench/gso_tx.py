@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Guest-to-TAP with 64 KB TSO frames on one queue pair, for docs/notes/perf-changes.md.
 
-    python3 scripts/bench/gso_tx.py [--seconds 5] [--size 65000] [--syscall] [--cpu 1]
+    python3 bench/gso_tx.py [--seconds 5] [--size 65000] [--syscall] [--cpu 1]
 
 Run as root from the repository (it uses vhostd's C extension and the test
 suite's guest-side ring driver). A real TAP in a throw-away network namespace
@@ -13,7 +13,7 @@ worker writes each frame to the TAP as one GSO skb. Printed: frames and Gbit/s
 the TAP counted (rx_packets/rx_bytes), and the worker thread's own CPU time, so
 that Gbit/s per worker CPU-second is the capacity of one queue pair whatever
 the Python side manages to post. Frames go to a foreign MAC, as in
-scripts/bench.py, so the kernel drops them after the TAP has accounted them.
+bench/run.py, so the kernel drops them after the TAP has accounted them.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from vhostd import tap as taplib  # noqa: E402

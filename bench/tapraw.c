@@ -1,7 +1,7 @@
 /*
  * tapraw.c — benchmark helper: the raw limit. What a vhost-user-to-TAP backend
  * cannot beat: a loop that owns a TAP and does one syscall per frame on its fd,
- * with no guest, no rings and no frontend. scripts/bench runs it in the
+ * with no guest, no rings and no frontend. bench/run.py runs it in the
  * benchmark's namespace, pinned to the backend's CPU, against the same host-side
  * traffic as vhostd and DPDK.
  *

@@ -1,7 +1,6 @@
 """Seed corpus for fuzz_rings.c: rings laid out by the tests' guest drivers.
 
-The chain shapes are the ones the ring tests post (tests/test_datapath_*.py,
-tests/test_vring_packed.py, tests/test_ring_properties.py): header and frame in
+The chain shapes are the ones the ring tests post (tests/datapath/test_*.py): header and frame in
 one or many descriptors, empty descriptors, indirect tables, mergeable RX
 buffer sets, small non-power-of-two packed rings, EVENT_IDX, buffers in a far
 region and across two gpa-adjacent regions, plus the hostile chains of the
@@ -217,7 +216,7 @@ def seeds():
                                                  frames=[300, 4000, 100, 9000], rounds=2)
 
 
-    # The frontend shrinks R1 mid-input (tests/test_datapath_faults.py): a mergeable RX
+    # The frontend shrinks R1 mid-input (tests/datapath/test_faults.py): a mergeable RX
     # gather whose second chain's indirect table is in R1, and a TX burst whose second
     # frame (copied) is in R1 behind a zero-copy one in R0, through the worker (io_uring).
     for packed in (False, True):

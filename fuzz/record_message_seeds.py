@@ -1,6 +1,6 @@
 """Seed corpus for fuzz_messages.py: what the tests' frontend double really sends.
 
-Runs the daemon integration tests (tests/test_daemon.py, one event loop kind)
+Runs the daemon integration tests (tests/daemon/test_daemon.py, one event loop kind)
 with Frontend.send_raw wrapped: every sendmsg() of every connection is recorded
 with a description of the fds it carried (fuzz/seedfmt.py), and each connection
 becomes one seed. Needs root (the tests create TAPs in network namespaces).
@@ -91,7 +91,7 @@ class Recorder:
 
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "fuzz" / "corpus" / "messages")
-    args = sys.argv[2:] or [str(ROOT / "tests" / "test_daemon.py"), "-k", "not asyncio", "-q",
+    args = sys.argv[2:] or [str(ROOT / "tests" / "daemon" / "test_daemon.py"), "-k", "not asyncio", "-q",
                             "-p", "no:cacheprovider"]
     rec = Recorder()
     rc = pytest.main(args, plugins=[rec])

@@ -21,7 +21,7 @@ PY=$SRC/.venv/bin/python
 
 work=$(mktemp -d /tmp/vhostd-sanitize.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-chmod 755 "$work"  # tests/test_access.py runs vhostd from this tree as an unprivileged uid
+chmod 755 "$work"  # tests/daemon/test_access.py runs vhostd from this tree as an unprivileged uid
 mkdir -p "$work/tree" "$work/reports"
 git ls-files -z | xargs -0 cp --parents -t "$work/tree"
 cd "$work/tree"
@@ -59,7 +59,7 @@ rc=0
 "$PY" -m pytest -p no:cacheprovider tests \
     --ignore-glob='tests/e2e/test_guest_*' --ignore=tests/e2e/test_reference_dpdk.py \
     --ignore=tests/e2e/test_restart.py --ignore=tests/test_bench.py \
-    --deselect=tests/test_leaks.py::test_500_connect_configure_traffic_disconnect_cycles_leave_fds_and_rss_flat \
+    --deselect=tests/daemon/test_leaks.py::test_500_connect_configure_traffic_disconnect_cycles_leave_fds_and_rss_flat \
     "$@" || rc=$?
 
 reports=$(find "$work/reports" -type f | sort)

@@ -6,7 +6,7 @@ anywhere else. Tests that need root (TAP, netns) skip with the reason printed
 when run unprivileged; CI runs as root, so nothing skips there.
 
 The one way a test imports the doubles and helpers: `from tests.driver import
-...`, `from tests.traffic import ...`. This file puts the repository root on
+...`, `from tests.daemon.traffic import ...`. This file puts the repository root on
 sys.path for that, whatever directory pytest was started from.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """session.py, the meaning of each request, against a fake device: no root, no
-daemon, no C worker. The integration tests (test_daemon.py, test_hostile_messages.py)
+daemon, no C worker. The integration tests (daemon/test_daemon.py, daemon/test_hostile_messages.py)
 run the same rules through a real vhostd process.
 
 Covered: feature negotiation (offers, dependencies, rings enabled without

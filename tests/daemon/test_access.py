@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import ROOT, DaemonProcess, need_root, packet_socket
 from tests.driver.frontend import Nack
-from tests.traffic import HDR, Guest, collect, frame, marker_of
+from tests.daemon.traffic import HDR, Guest, collect, frame, marker_of
 
 NOBODY = 65534
 
@@ -80,7 +80,7 @@ def test_socket_access_from_the_config_file_per_port_and_for_add_port(tmp_path, 
         assert _stat(ctl) == (os.getuid(), NOBODY, 0o640)
         assert _stat(tmp_path / "a.sock") == (os.getuid(), NOBODY, 0o640)
         assert _stat(tmp_path / "b.sock") == (NOBODY, NOBODY, 0o600)
-        from tests.traffic import vhostctl
+        from tests.daemon.traffic import vhostctl
 
         r = vhostctl(d, "add-port", "--socket", str(tmp_path / "c.sock"), "--tap", "vacc", "--netns", netns)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -14,7 +14,7 @@ import time
 from tests.conftest import packet_socket
 from tests.driver import constants as C
 from tests.driver.frontend import DEFAULT_PROTOCOL_FEATURES
-from tests.traffic import HDR, Guest, collect, frame, marker_of, stats
+from tests.daemon.traffic import HDR, Guest, collect, frame, marker_of, stats
 
 
 def _wait_log(d, text: str, timeout: float = 5.0) -> str:

@@ -4,7 +4,7 @@ net_rx.c's stash, the io_uring TX burst, qp_control.c's pause).
 A frontend may shrink its memory file under the worker (a SIGBUS in the middle
 of a burst), make its kick/call/err eventfds blocking and saturate them, or the
 worker may not park at all. Each test here drives one such fault through the
-real worker thread (tests/datapath_harness.py: one queue pair over memfd guest
+real worker thread (tests/datapath/harness.py: one queue pair over memfd guest
 memory, a socketpair standing in for the TAP), and then checks what a *second*
 frontend on the same queue pair sees, since the daemon keeps one queue pair per
 port across frontends: its traffic must be exact, with no frame, used entry or
@@ -24,7 +24,7 @@ import pytest
 
 from vhostd._native import ffi, lib
 
-from tests.datapath_harness import (
+from tests.datapath.harness import (
     F_EVENT_IDX,
     F_INDIRECT,
     F_MRG,
@@ -32,7 +32,6 @@ from tests.datapath_harness import (
     F_V1,
     NUM,
     eth_frame,
-    make_dev,  # noqa: F401  (fixture)
     wait_for,
 )
 from tests.driver import GuestMemory, SplitRing, net_hdr, parse_net_hdr

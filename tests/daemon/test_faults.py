@@ -22,8 +22,8 @@ import pytest
 
 from tests.conftest import network_namespace, need_root, packet_socket
 from tests.driver.frontend import ConnectionClosed
-from tests.test_operations import config_daemon, free_tcp_port  # noqa: F401  (fixture)
-from tests.traffic import HDR, Guest, collect, frame, marker_of
+from tests.daemon.test_operations import config_daemon, free_tcp_port  # noqa: F401  (fixture)
+from tests.daemon.traffic import HDR, Guest, collect, frame, marker_of
 
 EFD_MAX = 0xFFFF_FFFF_FFFF_FFFE     # a write of 1 to a counter this high blocks
 

@@ -5,7 +5,7 @@ A tiny in-test socket server (MiniBackend) checks the vhost-user bytes the
 Frontend sends against bytes written out by hand from
 docs/interop/vhost-user.rst, and answers with canned replies, NACKs, fds or
 malformed replies to exercise the Frontend's reply validation. The guest
-memory and split ring doubles are tested in test_driver_rings.py.
+memory and split ring doubles are tested in driver/test_rings.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 
 from vhostd._native import ffi, lib
 
-from tests.datapath_harness import (
+from tests.datapath.harness import (
     F_EVENT_IDX,
     F_INDIRECT,
     F_MRG,
@@ -24,7 +24,6 @@ from tests.datapath_harness import (
     NUM,
     Dev,
     eth_frame,
-    make_dev,  # noqa: F401  (fixture)
     mrg_frames,
 )
 from tests.driver import GuestMemory, net_hdr

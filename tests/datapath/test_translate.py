@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vhostd._native import ffi, lib
 
-from tests.datapath_harness import M1
+from tests.datapath.harness import M1
 
 
 # ---------------------------------------------------------------- translation

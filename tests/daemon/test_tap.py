@@ -12,7 +12,7 @@ import sys
 import time
 
 from tests.conftest import ROOT, DaemonProcess, packet_socket
-from tests.traffic import Guest, collect, frame, vhostctl
+from tests.daemon.traffic import Guest, collect, frame, vhostctl
 
 
 def ip(netns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

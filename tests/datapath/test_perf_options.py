@@ -3,7 +3,7 @@
 the busy-poll window (--busy-poll-us / busy_poll_us) and worker CPU placement
 (--cpu-affinity / cpu_affinity), from the C API up to the command line.
 
-The datapath cases reuse tests/datapath_harness.py's Dev (guest rings in memfd
+The datapath cases reuse tests/datapath/harness.py's Dev (guest rings in memfd
 memory, a SOCK_SEQPACKET socketpair standing in for the TAP).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from vhostd.config import PortConfig, check_port, load_config, parse_cpus
 from vhostd.errors import SetupError
 
 from tests.conftest import ROOT, DaemonProcess
-from tests.datapath_harness import F_V1, F_PACKED, Dev, eth_frame, wait_for
+from tests.datapath.harness import F_V1, F_PACKED, Dev, eth_frame, wait_for
 from tests.driver import net_hdr
 
 
@@ -176,7 +176,7 @@ SECCOMP_CHILD = textwrap.dedent(r'''
     assert sc.seccomp_load(ctx) == 0
     from vhostd import device
     from vhostd._native import lib
-    from tests.datapath_harness import Dev, eth_frame, wait_for
+    from tests.datapath.harness import Dev, eth_frame, wait_for
     from tests.driver import net_hdr
     d = Dev()
     assert lib.vr_qp_io_mode(d.qp) == lib.VR_IO_SYSCALL, lib.vr_qp_io_mode(d.qp)

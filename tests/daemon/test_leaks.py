@@ -19,7 +19,7 @@ import time
 
 from tests.conftest import ROOT, DaemonProcess, packet_socket, recv_matching
 from tests.driver.guestmem import GuestMemory
-from tests.traffic import HDR, Guest, frame, marker_of, vhostctl
+from tests.daemon.traffic import HDR, Guest, frame, marker_of, vhostctl
 
 CYCLES = 500
 WARMUP = 50

@@ -1,5 +1,5 @@
 """Notifications in the C datapath (csrc/vring_split.c, worker.c), driven through
-cffi with the Dev of tests/datapath_harness.py: used-buffer notifications
+cffi with the Dev of tests/datapath/harness.py: used-buffer notifications
 (calls) suppressed with EVENT_IDX (used_event, across the 16-bit index wrap)
 and without it (VRING_AVAIL_F_NO_INTERRUPT), and the kicks the device asks for
 when idle (virtio 1.2 §2.7.7, §2.7.10).
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from vhostd._native import lib
 
-from tests.datapath_harness import F_EVENT_IDX, F_V1, eth_frame, read_efd, wait_for
-from tests.datapath_harness import make_dev  # noqa: F401  (the fixture)
+from tests.datapath.harness import F_EVENT_IDX, F_V1, eth_frame, read_efd, wait_for
 from tests.driver import net_hdr
 from tests.driver.constants import VRING_AVAIL_F_NO_INTERRUPT
 

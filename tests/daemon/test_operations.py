@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, packet_socket
 from tests.driver import net_hdr
-from tests.traffic import Guest, collect, frame
+from tests.daemon.traffic import Guest, collect, frame
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 

@@ -1,5 +1,5 @@
 """RX through the C datapath (csrc/net_rx.c over split rings), TAP -> guest,
-driven through cffi with the Dev of tests/datapath_harness.py: the vnet header
+driven through cffi with the Dev of tests/datapath/harness.py: the vnet header
 split over buffers, num_buffers, oversize frames and EAGAIN giving the chain
 back, no spinning on a readable TAP without guest buffers, disabled rings; and
 mergeable RX buffers (VIRTIO_NET_F_MRG_RXBUF, virtio 1.2 §5.1.6.3.2): frames
@@ -16,11 +16,10 @@ import time
 
 from vhostd._native import lib
 
-from tests.datapath_harness import (
+from tests.datapath.harness import (
     F_EVENT_IDX, F_GUEST_TSO4, F_GUEST_TSO6, F_INDIRECT, F_MRG, F_V1, eth_frame,
     mrg_frames, wait_for,
 )
-from tests.datapath_harness import make_dev  # noqa: F401  (the fixture)
 from tests.driver import net_hdr, parse_net_hdr
 from tests.driver.constants import VRING_USED_F_NO_NOTIFY
 

@@ -635,7 +635,7 @@ def test_daemon_serves_traffic_inside_the_units_sandbox(unit, rundir, netns, dae
     cmode = stat.S_IMODE(os.stat(control).st_mode)
     assert cmode == 0o600, f"control socket {control}: mode {cmode:o} (the unit asks for 0600)"
 
-    from tests.traffic import Guest, frame, marker_of
+    from tests.daemon.traffic import Guest, frame, marker_of
 
     g = Guest(str(sock)).setup()
     try:

@@ -2,7 +2,7 @@
 tests/driver/hostile.py, on split and packed rings (direct and indirect), on
 the TX and on the RX ring of queue pair 0 of a two-pair port.
 
-test_datapath_hostile.py and test_vring_packed.py check the C side of each rule
+datapath/test_hostile.py and datapath/test_packed.py check the C side of each rule
 with the datapath alone (the exact VR_BROKEN_* code, the err eventfd, no spin).
 Here the whole daemon answers, and for each corruption the test checks that:
   - just that vring is marked broken, with the reason, counted once
@@ -35,7 +35,7 @@ from tests.driver.frontend import Frontend
 from tests.driver.guestmem import GuestMemory
 from tests.driver.packed import PackedRing
 from tests.driver.split import SplitRing, net_hdr
-from tests.traffic import GUEST_MAC, HDR, HOST_MAC, Guest, collect, frame, marker_of, vhostctl
+from tests.daemon.traffic import GUEST_MAC, HDR, HOST_MAC, Guest, collect, frame, marker_of, vhostctl
 from vhostd.ctl import control_request
 from vhostd.native import BROKEN_REASONS, lib
 

@@ -1,5 +1,5 @@
 """The C datapath's control-plane API (csrc/qp_control.c: the vr_qp_* calls)
-driven through cffi with the Dev of tests/datapath_harness.py: configuration
+driven through cffi with the Dev of tests/datapath/harness.py: configuration
 only while paused, and validated; SET/GET base across the 16-bit wrap;
 replacing a kick fd; pause/resume (nested) under traffic in both directions;
 freeing a paused queue pair.
@@ -15,8 +15,7 @@ import time
 
 from vhostd._native import ffi, lib
 
-from tests.datapath_harness import EFD, F_EVENT_IDX, F_INDIRECT, F_V1, eth_frame
-from tests.datapath_harness import make_dev  # noqa: F401  (the fixture)
+from tests.datapath.harness import EFD, F_EVENT_IDX, F_INDIRECT, F_V1, eth_frame
 from tests.driver import net_hdr
 
 

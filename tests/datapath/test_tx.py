@@ -1,5 +1,5 @@
 """TX through the C datapath (csrc/net_tx.c over split and packed rings), guest ->
-TAP, driven through cffi with the Dev of tests/datapath_harness.py: headers and
+TAP, driven through cffi with the Dev of tests/datapath/harness.py: headers and
 frames split over descriptors, indirect tables, buffers across regions, bursts,
 vnet header validation and sanitizing (virtio 1.2 §5.1.6.2), the bounce-copy
 threshold, disabled rings, a busy or gone TAP, and a property test that any
@@ -20,11 +20,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vhostd._native import lib
 
-from tests.datapath_harness import (
+from tests.datapath.harness import (
     F_CSUM, F_ECN, F_INDIRECT, F_PACKED, F_TSO4, F_TSO6, F_UFO, F_USO, F_V1, M1, Dev,
     eth_frame, read_efd, wait_for,
 )
-from tests.datapath_harness import make_dev  # noqa: F401  (the fixture)
 from tests.driver import GuestMemory, net_hdr, parse_net_hdr
 from tests.driver.constants import VRING_USED_F_NO_NOTIFY
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vhostd._native import lib
 
-from tests.datapath_harness import (
+from tests.datapath.harness import (
     F_EVENT_IDX, F_INDIRECT, F_MRG, F_PACKED, F_V1, Dev, eth_frame, mrg_frames,
 )
 from tests.driver import net_hdr, parse_net_hdr

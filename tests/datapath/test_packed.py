@@ -1,6 +1,6 @@
 """Packed virtqueue (csrc/vring_packed.c) through the same net datapath, driven by
 the guest-side PackedRing double: mirrors the split-ring tests of the
-test_datapath_*.py modules (TX/RX, wrap-around over several laps of a small
+datapath/test_*.py modules (TX/RX, wrap-around over several laps of a small
 non-power-of-two queue, event suppression in both modes, indirect tables,
 hostile descriptors, SET/GET base).
 """
@@ -15,7 +15,7 @@ import pytest
 
 from vhostd._native import ffi, lib
 
-from tests.datapath_harness import (
+from tests.datapath.harness import (
     F_EVENT_IDX, F_INDIRECT, F_MRG, F_PACKED, F_V1, Dev, eth_frame, mrg_frames,
     read_efd, wait_for,
 )

@@ -5,7 +5,7 @@ A tiny pure-Python *device* (the back-end's view of a split ring, virtio 1.1
 §2.6) consumes what SplitRing posts, which proves the layout; also covered:
 GuestMemory regions, notification suppression (§2.6.7, §2.6.10), the raw /
 hostile ring helpers and the virtio-net header. The Frontend double is tested
-in test_driver_frontend.py.
+in driver/test_frontend.py.
 """
 
 from __future__ import annotations

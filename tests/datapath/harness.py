@@ -1,7 +1,7 @@
 """Shared harness for the C datapath tests, which drive csrc/ (guest_mem.c,
 vring_split.c, vring_packed.c, net_tx.c, net_rx.c, worker.c, qp_control.c)
-directly through cffi: the test_datapath_*.py modules, test_vring_packed.py,
-test_ring_properties.py and test_perf_options.py import from here.
+directly through cffi: the test modules of tests/datapath/ import from here, and
+tests/datapath/conftest.py hands them the make_dev fixture.
 
 Dev is one queue pair with both rings configured and running. The guest side is
 tests/driver (GuestMemory + SplitRing or PackedRing): memfd guest RAM laid out as
@@ -10,8 +10,7 @@ exactly like the control plane does for SET_MEM_TABLE. A SOCK_SEQPACKET
 socketpair stands in for the TAP: it keeps frame boundaries in both directions
 and reports truncation (MSG_TRUNC) the way a real TAP drops oversize frames.
 
-Not a test module (no test_ prefix: pytest collects nothing here); a test module
-that uses the make_dev fixture imports it from here.
+Not a test module (no test_ prefix: pytest collects nothing here).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from tests.driver.frontend import (
     pack_vring_state,
 )
 from tests.driver.guestmem import GuestMemory
-from tests.traffic import HDR, Guest, collect, frame, marker_of, vhostctl
+from tests.daemon.traffic import HDR, Guest, collect, frame, marker_of, vhostctl
 
 NEED = C.VHOST_USER_VERSION | C.VHOST_USER_NEED_REPLY
 UVA = 0x7F00_0000_0000          # tests.driver.guestmem's default uva base

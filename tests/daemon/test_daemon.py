@@ -17,7 +17,7 @@ from tests.driver import constants as C
 from tests.driver.frontend import Frontend, Nack
 from tests.driver.guestmem import GuestMemory
 from tests.driver.split import SplitRing, net_hdr
-from tests.traffic import HDR, Guest, collect, frame, marker_of, stats, vhostctl
+from tests.daemon.traffic import HDR, Guest, collect, frame, marker_of, stats, vhostctl
 
 
 def test_tx_guest_to_tap(daemon, netns):

@@ -1,11 +1,11 @@
 """Hostile and broken rings against the C datapath alone, driven through cffi
-with the Dev of tests/datapath_harness.py: each malformed descriptor chain
+with the Dev of tests/datapath/harness.py: each malformed descriptor chain
 (out-of-range indices, loops, unmapped or wrapping buffers, bad indirect
 tables, the avail index running ahead, wrong descriptor directions, RX chains
 shorter than the vnet header, rings outside guest memory) marks just that vring
 broken with the exact VR_BROKEN_* code, counted once and signalled on the err
 eventfd, without spinning; the other vring keeps working. The whole daemon's
-answer to the same input is tests/test_hostile_rings.py.
+answer to the same input is tests/daemon/test_hostile_rings.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import pytest
 
 from vhostd._native import lib
 
-from tests.datapath_harness import (
+from tests.datapath.harness import (
     F_INDIRECT, F_PACKED, F_V1, M1, eth_frame, read_efd, wait_for,
 )
-from tests.datapath_harness import make_dev  # noqa: F401  (the fixture)
 from tests.driver import GuestMemory, net_hdr
 from tests.driver.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 

@@ -4,8 +4,10 @@ Served by the daemon's event loop (asyncio streams are fine here: no fds travel)
 Mode 0660 by default: its owner and group may operate the daemon (owner, group
 and mode follow --socket-owner/--socket-group/--socket-mode, mode --control-mode).
 
-Requests ("cmd"): ports | stats [port] | metrics | add-port {port fields} |
-del-port {name} | reload. Replies: {"ok": true, ...} or {"ok": false, "error": "..."}.
+Requests ("cmd"): ports | stats [port] | rings [port] | metrics |
+add-port {port fields} | del-port {name} | reload. Replies: {"ok": true, ...} or
+{"ok": false, "error": "..."}. A new command: a branch in ControlServer.handle, its
+verb in ctl.py (parser, printer) and this list.
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from vhostd.config import PortConfig
 from vhostd.connection import Connection
 from vhostd.device import NetDevice, io_mode_line
 from vhostd.dispatch import serve
-from vhostd.errors import SetupError
 from vhostd.session import Session
 from vhostd.stats import DROP_COUNTERS, totals
 

@@ -5,6 +5,8 @@ The datapath increments plain u64 fields with no locks; this module only names
 and reads them. vhostctl (ctl.py), the Prometheus exposition (metrics.py) and the
 port's drop summary (port.py) all take the names from COUNTERS. A new counter: a
 field in struct vr_vq_stats, a row here (tests/test_stats.py checks they agree).
+The one other list is C's own: worker.c's vr_work_count sums the counters that
+mean "a burst found work" for busy polling.
 Totals carry over from one frontend connection to the next (device.QueuePair).
 """
 from __future__ import annotations

@@ -12,10 +12,10 @@ import logging
 import time
 
 from vhostd.connection import Connection
+from vhostd.device import NetDevice
 from vhostd.errors import RequestError, WorkerStuck
 from vhostd.fds import OwnedFd, is_eventfd
 from vhostd.native import lib
-from vhostd.device import NetDevice
 from vhostd.protocol import (
     F_PROTOCOL_FEATURES,
     MemRegion,

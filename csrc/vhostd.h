@@ -24,7 +24,7 @@
 
 /* cdef-begin */
 
-#define VR_MAX_REGIONS 32       /* memory regions per device */
+#define VR_MAX_REGIONS 512      /* memory regions per device (CONFIGURE_MEM_SLOTS) */
 #define VR_MAX_QUEUE_SIZE 32768 /* virtio spec limit (split: 2^n; packed: any size) */
 #define VR_MAX_IOV 1024         /* UIO_MAXIOV: longest chain we hand to readv/writev */
 
@@ -92,7 +92,8 @@ struct vr_region {
     uint64_t hva;           /* our address of the first byte (mmap base + mmap_offset) */
 };
 
-/* The region table of one device; shared by all its queue pairs. */
+/* The region table of one device; shared by all its queue pairs. Sorted by gpa
+ * (vr_mem_validate checks it): guest-physical lookups are a binary search. */
 struct vr_mem {
     uint32_t nregions;
     struct vr_region regions[VR_MAX_REGIONS];
@@ -138,7 +139,8 @@ int vr_fd_fs_type(int fd, uint64_t *type);
  */
 void *vr_translate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t *len);
 
-/* Checks a table: regions non-empty, no gpa/uva overflow, no gpa overlap. 0 or -EINVAL. */
+/* Checks a table: regions non-empty, sorted by gpa, no gpa/uva/hva overflow, no gpa
+ * overlap. 0 or -EINVAL. */
 int vr_mem_validate(const struct vr_mem *mem);
 
 /* --- queue pair and worker (qp_control.c; the worker thread: worker.c) --- */

@@ -140,22 +140,72 @@ static inline bool vr_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t 
  * here. Returns the host pointer for `addr` in `space` and clamps *len to the bytes
  * contiguous in that region, or NULL if `addr` is in no region. Never computes
  * addr + len, so no input can overflow; zero-sized regions never match.
+ *
+ * Guest-physical lookups (the datapath's, per descriptor) try `hint` first (the
+ * region the caller's last lookup hit: buffers cluster) and otherwise binary-
+ * search the gpa-sorted table, so hundreds of regions cost a few comparisons.
+ * An unsorted table (which vr_mem_validate refuses) can only miss, never overrun.
+ * Frontend-virtual lookups happen on the control path (ring addresses at map
+ * time) and scan the table.
  */
+static inline const struct vr_region *vr_find_gpa(const struct vr_mem *mem, uint64_t addr, uint32_t *hint)
+{
+    uint32_t n = mem->nregions < VR_MAX_REGIONS ? mem->nregions : VR_MAX_REGIONS;
+    uint32_t lo = 0, hi = n;
+    const struct vr_region *r;
+
+    if (hint && *hint < n) {
+        r = &mem->regions[*hint];
+        if (addr >= r->gpa && addr - r->gpa < r->size)
+            return r;
+    }
+    while (lo < hi) {                   /* first region whose gpa is above addr */
+        uint32_t mid = lo + (hi - lo) / 2;
+
+        if (mem->regions[mid].gpa <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return NULL;
+    r = &mem->regions[lo - 1];
+    if (addr - r->gpa >= r->size)       /* also rejects size == 0 */
+        return NULL;
+    if (hint)
+        *hint = lo - 1;
+    return r;
+}
+
+static inline void *vr_xlate_gpa(const struct vr_mem *mem, uint32_t *hint, uint64_t addr, uint64_t *len)
+{
+    const struct vr_region *r = vr_find_gpa(mem, addr, hint);
+    uint64_t off;
+
+    if (!r)
+        return NULL;
+    off = addr - r->gpa;
+    if (*len > r->size - off)
+        *len = r->size - off;
+    return (void *)(uintptr_t)(r->hva + off);
+}
+
 static inline void *vr_xlate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t *len)
 {
     uint32_t n = mem->nregions;
 
+    if (space == VR_SPACE_GPA)
+        return vr_xlate_gpa(mem, NULL, addr, len);
     if (n > VR_MAX_REGIONS)
         n = VR_MAX_REGIONS;
     for (uint32_t i = 0; i < n; i++) {
         const struct vr_region *r = &mem->regions[i];
-        uint64_t base = space == VR_SPACE_UVA ? r->uva : r->gpa;
         uint64_t off;
 
-        if (addr < base)
+        if (addr < r->uva)
             continue;
-        off = addr - base;
-        if (off >= r->size)         /* also rejects size == 0 */
+        off = addr - r->uva;
+        if (off >= r->size)             /* also rejects size == 0 */
             continue;
         if (*len > r->size - off)
             *len = r->size - off;
@@ -200,12 +250,12 @@ static inline void *vr_map_ring_part(const struct vr_mem *mem, uint64_t uva, uin
  * at the same index, for the dirty log (no reverse lookup later). 0, -EFAULT
  * (some byte unmapped or the range wraps), or -ENOBUFS (more than `max` iovecs).
  */
-static inline int vr_gather(const struct vr_mem *mem, uint64_t addr, uint64_t len,
+static inline int vr_gather(const struct vr_mem *mem, uint32_t *hint, uint64_t addr, uint64_t len,
                             struct iovec *iov, uint64_t *gpa, unsigned *niov, unsigned max)
 {
     while (len) {
         uint64_t l = len;
-        void *p = vr_xlate(mem, VR_SPACE_GPA, addr, &l);
+        void *p = vr_xlate_gpa(mem, hint, addr, &l);
 
         if (!p || l == 0)
             return -EFAULT;
@@ -343,6 +393,7 @@ struct vr_tx_slot {
 
 struct vr_qp {
     struct vr_mem *mem;
+    uint32_t xlate_hint;                /* region of the last guest-physical lookup */
     int tap_fd;
     int io_mode;                        /* asked for by vr_qp_new(), then what the worker got */
     int io_error;                       /* errno io_uring set-up failed with, 0 if not tried or fine */

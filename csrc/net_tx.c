@@ -227,6 +227,11 @@ static bool vr_tx_prepare(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
     if (s->copied) {
         memcpy(bounce, &hdr, hl);       /* sanitized, as the zero-copy path's iov[0] */
         qp->tx_copied++;
+        if (qp->capture) {
+            struct iovec one = { .iov_base = bounce, .iov_len = hl + frame_len };
+
+            vr_capture_frame(qp, VR_CAP_TX, &one, 1, hl, frame_len);
+        }
         return true;
     }
 
@@ -246,6 +251,8 @@ static bool vr_tx_prepare(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
     iov[first].iov_len = hl;
     s->iov_first = first;
     s->iov_cnt = c->niov + 1 - first;
+    if (qp->capture)
+        vr_capture_frame(qp, VR_CAP_TX, iov + first, s->iov_cnt, hl, frame_len);
     return true;
 }
 

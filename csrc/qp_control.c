@@ -522,6 +522,13 @@ int vr_qp_set_log_addr(struct vr_qp *qp, int which, int log, uint64_t log_guest_
     return 0;
 }
 
+int vr_qp_set_capture(struct vr_qp *qp, struct vr_capture *c)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    qp->capture = c;
+    return 0;
+}
+
 uint64_t vr_qp_log_marks(struct vr_qp *qp)
 {
     return qp ? __atomic_load_n(&qp->log_marks, __ATOMIC_RELAXED) : 0;

@@ -319,6 +319,42 @@ int vr_qp_set_busy_poll(struct vr_qp *qp, uint32_t usecs);
  * not available to the process, -EPERM under a sandbox that forbids it. */
 int vr_qp_set_cpu(struct vr_qp *qp, int cpu);
 
+/* --- packet capture (capture.c) --- */
+
+#define VR_CAP_RX 1             /* TAP -> guest frames */
+#define VR_CAP_TX 2             /* guest -> TAP frames */
+
+/* One captured frame in a capture ring, followed by caplen bytes of the Ethernet
+ * frame (no vnet header) and padding to a multiple of 8 (len covers it all). */
+struct vr_cap_rec {
+    uint32_t len;               /* bytes of this record, header and padding included */
+    uint32_t caplen;            /* frame bytes kept (at most the snap length) */
+    uint32_t origlen;           /* frame length on the wire */
+    uint8_t dir;                /* VR_CAP_RX or VR_CAP_TX */
+    uint8_t queue;              /* queue pair */
+    uint16_t pad;
+    uint64_t ts_ns;             /* CLOCK_REALTIME when the datapath took it */
+};
+
+struct vr_capture;              /* opaque: one queue pair's capture ring */
+
+/* A capture ring of `bytes` (a power of two, 4 KiB .. 1 GiB) keeping at most
+ * `snaplen` bytes per frame of the directions in `dirs`, for queue pair `queue`.
+ * NULL (errno EINVAL/ENOMEM) on bad arguments. */
+struct vr_capture *vr_capture_new(uint32_t bytes, uint32_t snaplen, uint32_t dirs, uint32_t queue);
+void vr_capture_free(struct vr_capture *c);     /* detach it from its qp first */
+
+/* Attaches a capture ring to the worker (NULL detaches). Paused only. While
+ * attached the worker appends every frame it moves; a frame that does not fit
+ * is dropped from the capture and counted, never waited for. */
+int vr_qp_set_capture(struct vr_qp *qp, struct vr_capture *c);
+
+/* Consumer: moves whole records (at most `len` bytes) into buf; bytes moved. Any
+ * thread, one at a time per ring, concurrently with the worker. */
+long vr_capture_read(struct vr_capture *c, uint8_t *buf, uint64_t len);
+uint64_t vr_capture_frames(const struct vr_capture *c);     /* records written */
+uint64_t vr_capture_drops(const struct vr_capture *c);      /* frames that did not fit */
+
 /* --- test-only entry points (tests and fuzzers; the daemon never calls these) --- */
 
 /* The pause timeout of vr_qp_pause() for every queue pair, in ms (default 5000). */

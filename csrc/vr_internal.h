@@ -436,6 +436,8 @@ struct vr_qp {
     uint64_t log_marks;                 /* pages whose bit this qp turned on */
     uint64_t log_overflow;              /* marks beyond the log's end (dropped) */
 
+    struct vr_capture *capture;         /* vhostctl capture: frames are copied here; NULL: off */
+
     /* per-qp scratch: no allocation per packet */
     struct iovec tx_iov[VR_MAX_IOV];
     struct vr_tx_slot tx_slot[VR_BURST];
@@ -643,6 +645,11 @@ static inline bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
 
 /* net_tx.c: true if the burst limit stopped it (more work may be pending). */
 bool vr_tx_process(struct vr_qp *qp);
+
+/* capture.c: appends a frame (iov minus its first `skip` bytes, `len` bytes) to
+ * qp->capture, which the caller has checked is set. */
+void vr_capture_frame(struct vr_qp *qp, uint32_t dir, const struct iovec *iov, unsigned niov, size_t skip,
+                      uint32_t len);
 
 /* net_rx.c */
 /* Forgets the chains RX has popped but not used (the stash) without touching

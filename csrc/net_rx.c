@@ -283,6 +283,7 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
     vr_stash_return(qp, vq);
     vr_vq_flush(qp, vq);
     vr_log_flush(qp);
+    vr_vq_publish(vq);
     vr_hist_add(&vq->stats, n);
     return state;
 }

@@ -412,6 +412,7 @@ bool vr_tx_process(struct vr_qp *qp)
         vr_tx_complete_batch(qp, vq, nslot);
     vr_vq_flush(qp, vq);
     vr_log_flush(qp);                   /* TX buffers are only read: only ring writes are marked */
+    vr_vq_publish(vq);
     vr_hist_add(&vq->stats, n);
     return more;
 }

@@ -243,6 +243,24 @@ int vr_qp_set_log_addr(struct vr_qp *qp, int which, int log, uint64_t log_guest_
 uint64_t vr_qp_log_marks(struct vr_qp *qp);
 uint64_t vr_qp_log_overflow(struct vr_qp *qp);
 
+/*
+ * Ring positions a worker publishes after every burst that moved them, into
+ * memory the control plane keeps in a file on tmpfs, for a vhostd restarted
+ * after a crash (a packed ring's frontend resends only the position of its last
+ * clean stop). seq is odd while the worker writes and even after: an odd seq
+ * read after a crash means the positions are torn. Positions as
+ * SET/GET_VRING_BASE halves: split free-running index, packed slot | wrap << 15.
+ */
+struct vr_vq_saved {
+    uint64_t seq;
+    uint16_t avail;
+    uint16_t used;
+    uint32_t pad;
+};
+
+/* Where vq `which` publishes its positions (NULL: nowhere). Paused only. */
+int vr_qp_set_saved(struct vr_qp *qp, int which, struct vr_vq_saved *saved);
+
 /* Counters of vq `which`; valid for the qp's lifetime. Readable any time. */
 const struct vr_vq_stats *vr_qp_stats(struct vr_qp *qp, int which);
 

@@ -320,6 +320,7 @@ struct vr_vq {
     uint32_t used_since_signal;         /* packed: descriptors used since the last call decision */
 
     struct vr_vq_stats stats;
+    struct vr_vq_saved *saved;          /* vr_qp_set_saved(): where positions are published */
 };
 
 /* One popped chain: readable iovecs iov[0..nout), writable iov[nout..niov). */
@@ -609,6 +610,28 @@ static inline void vr_log_used(struct vr_qp *qp, const struct vr_vq *vq, uint64_
 {
     if (qp->log_on)
         vr_log_write(qp, (vq->log_addr_set ? vq->log_guest_addr : vq->used_gpa) + off, len);
+}
+
+/* Publishes vq's positions (vr_qp_set_saved) if they moved: seq odd, positions,
+ * seq even. Stores only: the memory is a tmpfs file that outlives the process. */
+static inline void vr_vq_publish(struct vr_vq *vq)
+{
+    struct vr_vq_saved *s = vq->saved;
+    uint32_t base;
+    uint16_t avail, used;
+
+    if (!s)
+        return;
+    base = vq->ops->get_base(vq);
+    avail = (uint16_t)base;
+    used = vq->ops == &vr_split_ops ? vq->used_idx : (uint16_t)(base >> 16);
+    if (s->avail == avail && s->used == used && !(s->seq & 1) && s->seq)
+        return;
+    __atomic_store_n(&s->seq, s->seq | 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    s->avail = avail;
+    s->used = used;
+    __atomic_store_n(&s->seq, (s->seq | 1) + 1, __ATOMIC_RELEASE);
 }
 
 /* The ring-kind dispatch: one indirect call, the kind chosen once per vq. */

@@ -8,7 +8,20 @@
  *   echo  receive frames on RX queue 0 and send each back on TX queue 0 with its
  *         MAC addresses swapped — the guest half of the latency measurement;
  *   rx    receive and count only (the former vusink; an alternative RX sink that
- *         sleeps instead of polling: `bench/run.py --rx-sink vufront`).
+ *         sleeps instead of polling: `bench/run.py --rx-sink vufront`);
+ *   tx    transmit small UDP frames (--size, default 64 B) on every TX queue, the
+ *         way gso does: the guest -> TAP point with a generator whose memory
+ *         layout we choose (--regions).
+ *
+ * Options (before MODE):
+ *   --regions N  describe guest memory as N regions (slices of the one memfd),
+ *                added one by one with ADD_MEM_REG (protocol feature
+ *                CONFIGURE_MEM_SLOTS): the backend translates through N regions;
+ *   --log        live-migration dirty logging on, as QEMU turns it on: SET_LOG_BASE
+ *                (a memfd log, protocol feature LOG_SHMFD), SET_FEATURES | LOG_ALL,
+ *                SET_VRING_ADDR with VHOST_VRING_F_LOG; a thread harvests the log
+ *                every 10 ms with atomic exchanges, as QEMU does;
+ *   --size N     tx mode frame size (60..1514).
  *
  * It connects to a backend's vhost-user socket (vhostd or DPDK's net_vhost),
  * offers QUEUES queue pairs (MQ when > 1) with split rings of QUEUE_SIZE, features
@@ -24,15 +37,20 @@
  * EVENT_IDX). Ring publication: entries, then a release store of avail->idx;
  * used->idx is read with acquire before its entries.
  *
- * Usage: vufront MODE SOCKET STATSFILE [QUEUES [QUEUE_SIZE]]
+ * Guest-physical addresses are offsets into that memfd (gpa 0 = its first byte),
+ * as small as a guest's, so that a dirty log for them is small too.
+ *
+ * Usage: vufront [--regions N] [--log] [--size N] MODE SOCKET STATSFILE [QUEUES [QUEUE_SIZE]]
  * STATSFILE: 8 little-endian u64s updated in place (MAP_SHARED): [0] ready (1 once
  * the handshake is done), [1] frames, [2] bytes (vnet header excluded), [3]
  * wake-ups, [4] kicks, [5] bad used entries, [6] frames dropped (echo: no free TX
- * buffer), [7] spare. Frames = received (rx, echo) or completed by the backend (gso).
+ * buffer), [7] dirty pages harvested from the log (--log). Frames = received (rx,
+ * echo) or completed by the backend (gso, tx).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -59,13 +77,20 @@
 #define VHOST_USER_GET_PROTOCOL_FEATURES 15
 #define VHOST_USER_SET_PROTOCOL_FEATURES 16
 #define VHOST_USER_SET_VRING_ENABLE 18
+#define VHOST_USER_SET_LOG_BASE 6
+#define VHOST_USER_GET_MAX_MEM_SLOTS 36
+#define VHOST_USER_ADD_MEM_REG 37
 
 #define F_CSUM (1ull << 0)
 #define F_HOST_TSO4 (1ull << 11)
 #define F_MQ (1ull << 22)
 #define F_PROTOCOL_FEATURES (1ull << 30)
 #define F_VERSION_1 (1ull << 32)
+#define F_LOG_ALL (1ull << 26)
 #define PF_MQ (1ull << 0)
+#define PF_LOG_SHMFD (1ull << 1)
+#define PF_CONFIGURE_MEM_SLOTS (1ull << 15)
+#define VHOST_VRING_F_LOG 1
 
 #define VRING_DESC_F_WRITE 2
 #define VRING_AVAIL_F_NO_INTERRUPT 1
@@ -76,7 +101,7 @@
 #define RING_AREA (64 * 1024)           /* per ring, enough for 1024 entries */
 #define MAX_QUEUES 8
 
-enum mode { M_RX, M_GSO, M_ECHO };
+enum mode { M_RX, M_GSO, M_ECHO, M_TX };
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 struct used_elem { uint32_t id, len; };
@@ -103,12 +128,21 @@ struct msg {
         struct { uint32_t index, num; } state;
         struct { uint32_t index, flags; uint64_t desc, used, avail, log; } addr;
         struct { uint32_t n, pad; uint64_t gpa, size, uva, off; } mem;
+        struct { uint64_t pad, gpa, size, uva, off; } reg;
+        struct { uint64_t size, off; } log;
     } p;
 } __attribute__((packed));
 
 static int sock_fd = -1;
 static volatile uint64_t *stats;
 static struct pair pairs[MAX_QUEUES];
+static uint8_t *mem_base;               /* guest memory; gpa = offset from here */
+static unsigned tx_size = 64;           /* tx mode frame size */
+
+static uint64_t gpa_of(const void *p)
+{
+    return (uint64_t)((const uint8_t *)p - mem_base);
+}
 
 static void die(const char *what)
 {
@@ -177,7 +211,7 @@ static void setup_ring(struct ring *r, uint8_t *area, uint8_t *bufs, size_t bufs
     if (r->kick < 0 || r->call < 0 || !r->free_ids)
         die("eventfd/calloc");
     for (uint32_t i = 0; i < num; i++) {
-        r->desc[i].addr = (uintptr_t)(bufs + i * bufsize);
+        r->desc[i].addr = gpa_of(bufs + i * bufsize);
         r->desc[i].len = (uint32_t)bufsize;
         r->desc[i].flags = 0;
         r->desc[i].next = 0;
@@ -185,17 +219,54 @@ static void setup_ring(struct ring *r, uint8_t *area, uint8_t *bufs, size_t bufs
     }
 }
 
+/* A reply to a request that always gets one (SET_LOG_BASE): header and payload. */
+static void read_reply(uint32_t req)
+{
+    struct msg m;
+
+    if (recv(sock_fd, &m, 12, MSG_WAITALL) != 12 || m.req != req || m.flags != 5 || m.size > sizeof(m.p) ||
+        (m.size && recv(sock_fd, &m.p, m.size, MSG_WAITALL) != (ssize_t)m.size)) {
+        errno = EPROTO;
+        die("reply");
+    }
+}
+
+static void send_addr(uint32_t index, struct ring *r, uint32_t flags)
+{
+    struct { uint32_t index, flags; uint64_t desc, used, avail, log; } ad = {
+        index, flags, (uintptr_t)r->desc, (uintptr_t)r->used, (uintptr_t)r->avail, gpa_of((void *)r->used) };
+
+    send_msg(VHOST_USER_SET_VRING_ADDR, &ad, sizeof(ad), -1);
+}
+
+/* --log: QEMU's harvest (vhost_dev_sync_region): exchange each word with 0. */
+static volatile uint64_t *dirty_log;
+static size_t dirty_words;
+
+static void *log_harvester(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        uint64_t pages = 0;
+
+        usleep(10000);
+        for (size_t i = 0; i < dirty_words; i++)
+            if (dirty_log[i])
+                pages += (uint64_t)__builtin_popcountll(__atomic_exchange_n(&dirty_log[i], 0, __ATOMIC_ACQ_REL));
+        add(7, pages);
+    }
+    return NULL;
+}
+
 static void send_ring(uint32_t index, struct ring *r)
 {
     struct { uint32_t index, num; } st = { index, r->num };
-    struct { uint32_t index, flags; uint64_t desc, used, avail, log; } ad = {
-        index, 0, (uintptr_t)r->desc, (uintptr_t)r->used, (uintptr_t)r->avail, 0 };
     uint64_t idx = index;
 
     send_msg(VHOST_USER_SET_VRING_NUM, &st, sizeof(st), -1);
     st.num = 0;
     send_msg(VHOST_USER_SET_VRING_BASE, &st, sizeof(st), -1);
-    send_msg(VHOST_USER_SET_VRING_ADDR, &ad, sizeof(ad), -1);
+    send_addr(index, r, 0);
     send_msg(VHOST_USER_SET_VRING_CALL, &idx, sizeof(idx), r->call);
     send_msg(VHOST_USER_SET_VRING_KICK, &idx, sizeof(idx), r->kick);
 }
@@ -256,17 +327,25 @@ static int next_used(struct ring *r, uint16_t uidx, uint32_t *id, uint32_t *len)
     return 0;
 }
 
+static enum mode run_mode;
+
+/* gso and tx: every TX buffer holds one ready frame; the loop recycles them. */
 static void *gso_loop(void *arg)
 {
     struct ring *r = &((struct pair *)arg)->tx;
-    uint64_t frame_bytes = BENCH_GSO_FRAME;
+    unsigned flow = (unsigned)((struct pair *)arg - pairs);
+    uint64_t frame_bytes = run_mode == M_TX ? tx_size : BENCH_GSO_FRAME;
 
     for (uint32_t i = 0; i < r->num; i++) {
         uint8_t *b = r->bufs + i * r->bufsize;
 
-        bench_gso_frame((struct bench_vnet_hdr *)b, b + BENCH_VNET_HDR_LEN,
-                        (unsigned)((struct pair *)arg - pairs));
-        r->desc[i].len = BENCH_VNET_HDR_LEN + BENCH_GSO_FRAME;
+        if (run_mode == M_TX) {
+            memset(b, 0, BENCH_VNET_HDR_LEN);
+            bench_udp_frame(b + BENCH_VNET_HDR_LEN, tx_size, flow);
+        } else {
+            bench_gso_frame((struct bench_vnet_hdr *)b, b + BENCH_VNET_HDR_LEN, flow);
+        }
+        r->desc[i].len = (uint32_t)(BENCH_VNET_HDR_LEN + frame_bytes);
     }
     r->avail[0] = VRING_AVAIL_F_NO_INTERRUPT;
     for (;;) {
@@ -363,27 +442,48 @@ static void echo_loop(struct pair *p)
 
 int main(int argc, char **argv)
 {
+    static const struct option opts[] = {
+        { "regions", required_argument, NULL, 'r' },
+        { "log", no_argument, NULL, 'l' },
+        { "size", required_argument, NULL, 's' },
+        { NULL, 0, NULL, 0 },
+    };
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
     enum mode mode;
-    uint32_t queues = argc > 4 ? (uint32_t)atoi(argv[4]) : 1;
-    uint32_t num = argc > 5 ? (uint32_t)atoi(argv[5]) : 1024;
+    uint32_t queues, num, nregions = 0;
     size_t rxbuf, txbuf, memsize, off;
-    uint64_t features, want;
+    uint64_t features, want, pf = 0;
     uint8_t *mem;
-    int memfd, sfd;
+    int memfd, sfd, opt, use_log = 0;
 
+    while ((opt = getopt_long(argc, argv, "+", opts, NULL)) != -1) {
+        if (opt == 'r')
+            nregions = (uint32_t)atoi(optarg);
+        else if (opt == 'l')
+            use_log = 1;
+        else if (opt == 's')
+            tx_size = (unsigned)atoi(optarg);
+        else
+            return 2;
+    }
+    argc -= optind - 1;
+    argv += optind - 1;
+    queues = argc > 4 ? (uint32_t)atoi(argv[4]) : 1;
+    num = argc > 5 ? (uint32_t)atoi(argv[5]) : 1024;
     if (argc < 4 || !strcmp(argv[1], "-h")) {
-        fprintf(stderr, "usage: vufront rx|gso|echo SOCKET STATSFILE [QUEUES [QUEUE_SIZE]]\n");
+        fprintf(stderr, "usage: vufront [--regions N] [--log] [--size N] rx|gso|echo|tx SOCKET STATSFILE "
+                "[QUEUES [QUEUE_SIZE]]\n");
         return 2;
     }
     mode = !strcmp(argv[1], "rx") ? M_RX : !strcmp(argv[1], "gso") ? M_GSO :
-           !strcmp(argv[1], "echo") ? M_ECHO : (enum mode)-1;
+           !strcmp(argv[1], "echo") ? M_ECHO : !strcmp(argv[1], "tx") ? M_TX : (enum mode)-1;
     if ((int)mode < 0 || queues < 1 || queues > MAX_QUEUES || (mode == M_ECHO && queues != 1) ||
-        num == 0 || num > 1024 || (num & (num - 1))) {
-        fprintf(stderr, "vufront: bad mode, QUEUES (1..%d; echo: 1) or QUEUE_SIZE (power of 2 <= 1024)\n",
-                MAX_QUEUES);
+        num == 0 || num > 1024 || (num & (num - 1)) || nregions > 4096 || tx_size < 60 || tx_size > 1514) {
+        fprintf(stderr, "vufront: bad mode, QUEUES (1..%d; echo: 1), QUEUE_SIZE (power of 2 <= 1024), "
+                "--regions (<= 4096) or --size (60..1514)\n", MAX_QUEUES);
         return 2;
     }
+    run_mode = mode;
     signal(SIGPIPE, SIG_IGN);
 
     sfd = open(argv[3], O_RDWR | O_CREAT | O_TRUNC, 0644);
@@ -393,7 +493,7 @@ int main(int argc, char **argv)
     if (stats == MAP_FAILED)
         die("mmap stats");
 
-    rxbuf = mode == M_GSO ? 64 : SMALL_BUF;          /* gso: RX ring posted with tiny buffers */
+    rxbuf = mode == M_GSO || mode == M_TX ? 64 : SMALL_BUF;  /* gso, tx: RX ring posted with tiny buffers */
     txbuf = mode == M_GSO ? GSO_BUF : SMALL_BUF;
     memsize = queues * (2 * RING_AREA + num * (rxbuf + txbuf));
     memfd = memfd_create("vufront", MFD_CLOEXEC);
@@ -402,6 +502,7 @@ int main(int argc, char **argv)
     mem = mmap(NULL, memsize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, memfd, 0);
     if (mem == MAP_FAILED)
         die("mmap guest memory");
+    mem_base = mem;
     off = 0;
     for (uint32_t q = 0; q < queues; q++) {
         struct pair *p = &pairs[q];
@@ -426,24 +527,48 @@ int main(int argc, char **argv)
     send_msg(VHOST_USER_SET_OWNER, NULL, 0, -1);
     features = get_u64(VHOST_USER_GET_FEATURES);
     want = F_VERSION_1 | F_PROTOCOL_FEATURES | (queues > 1 ? F_MQ : 0) |
-           (mode == M_GSO ? F_CSUM | F_HOST_TSO4 : 0);
+           (mode == M_GSO ? F_CSUM | F_HOST_TSO4 : 0) | (use_log ? F_LOG_ALL : 0);
     if ((features & want & ~F_PROTOCOL_FEATURES) != (want & ~F_PROTOCOL_FEATURES)) {
         fprintf(stderr, "vufront: backend features 0x%llx lack some of 0x%llx\n",
                 (unsigned long long)features, (unsigned long long)want);
         return 1;
     }
     if (features & F_PROTOCOL_FEATURES) {
-        uint64_t pf = get_u64(VHOST_USER_GET_PROTOCOL_FEATURES) & (queues > 1 ? PF_MQ : 0);
+        uint64_t wpf = (queues > 1 ? PF_MQ : 0) | (nregions ? PF_CONFIGURE_MEM_SLOTS : 0) |
+                       (use_log ? PF_LOG_SHMFD : 0);
 
+        pf = get_u64(VHOST_USER_GET_PROTOCOL_FEATURES) & wpf;
+        if (pf != wpf) {
+            fprintf(stderr, "vufront: backend protocol features lack some of 0x%llx\n",
+                    (unsigned long long)wpf);
+            return 1;
+        }
         send_msg(VHOST_USER_SET_PROTOCOL_FEATURES, &pf, 8, -1);
+    } else if (nregions || use_log) {
+        fprintf(stderr, "vufront: --regions and --log need protocol features\n");
+        return 1;
     }
-    features &= want;
+    features &= want & ~F_LOG_ALL;     /* LOG_ALL once the log is there, as QEMU does */
     send_msg(VHOST_USER_SET_FEATURES, &features, 8, -1);
-    {
+    if (!nregions) {
         struct { uint32_t n, pad; uint64_t gpa, size, uva, off; } mt = {
-            1, 0, (uintptr_t)mem, memsize, (uintptr_t)mem, 0 };
+            1, 0, 0, memsize, (uintptr_t)mem, 0 };
 
         send_msg(VHOST_USER_SET_MEM_TABLE, &mt, sizeof(mt), memfd);
+    } else {
+        /* N slices of the memfd, page-aligned, the last one takes the rest. */
+        size_t slice = (memsize / nregions) & ~(size_t)4095;
+
+        if (!slice || get_u64(VHOST_USER_GET_MAX_MEM_SLOTS) < nregions) {
+            fprintf(stderr, "vufront: %u regions: memory too small or beyond the backend's slots\n", nregions);
+            return 1;
+        }
+        for (uint32_t i = 0; i < nregions; i++) {
+            size_t start = i * slice, len = i + 1 == nregions ? memsize - start : slice;
+            struct { uint64_t pad, gpa, size, uva, off; } reg = { 0, start, len, (uintptr_t)mem + start, start };
+
+            send_msg(VHOST_USER_ADD_MEM_REG, &reg, sizeof(reg), memfd);
+        }
     }
     for (uint32_t q = 0; q < queues; q++) {
         send_ring(2 * q, &pairs[q].rx);
@@ -456,10 +581,37 @@ int main(int argc, char **argv)
             send_msg(VHOST_USER_SET_VRING_ENABLE, &st, sizeof(st), -1);
         }
     }
+    if (use_log) {
+        /* QEMU's order when migration starts: SET_LOG_BASE (it waits for the reply),
+         * SET_FEATURES | LOG_ALL, then every ring's address with the log flag. */
+        int lfd = memfd_create("vufront-log", MFD_CLOEXEC);
+        struct { uint64_t size, off; } lb;
+        pthread_t th;
+
+        dirty_words = (memsize + 4096 * 64 - 1) / (4096 * 64);
+        lb.size = dirty_words * 8;
+        lb.off = 0;
+        if (lfd < 0 || ftruncate(lfd, (off_t)lb.size) < 0)
+            die("log memfd");
+        dirty_log = mmap(NULL, lb.size, PROT_READ | PROT_WRITE, MAP_SHARED, lfd, 0);
+        if (dirty_log == MAP_FAILED)
+            die("mmap log");
+        send_msg(VHOST_USER_SET_LOG_BASE, &lb, sizeof(lb), lfd);
+        read_reply(VHOST_USER_SET_LOG_BASE);
+        features |= F_LOG_ALL;
+        send_msg(VHOST_USER_SET_FEATURES, &features, 8, -1);
+        for (uint32_t q = 0; q < queues; q++) {
+            send_addr(2 * q, &pairs[q].rx, VHOST_VRING_F_LOG);
+            send_addr(2 * q + 1, &pairs[q].tx, VHOST_VRING_F_LOG);
+        }
+        if (pthread_create(&th, NULL, log_harvester, NULL))
+            die("pthread_create");
+    }
     for (uint32_t q = 0; q < queues; q++)
         maybe_kick(&pairs[q].rx);
-    fprintf(stderr, "vufront: %s ready (features 0x%llx, %u queue pair(s) of %u)\n",
-            argv[1], (unsigned long long)features, queues, num);
+    fprintf(stderr, "vufront: %s ready (features 0x%llx, %u queue pair(s) of %u, %u region(s)%s)\n",
+            argv[1], (unsigned long long)features, queues, num, nregions ? nregions : 1,
+            use_log ? ", dirty log on" : "");
     stats[0] = 1;
 
     if (mode == M_ECHO)
@@ -467,11 +619,11 @@ int main(int argc, char **argv)
     for (uint32_t q = 1; q < queues; q++) {
         pthread_t th;
 
-        if (pthread_create(&th, NULL, mode == M_GSO ? gso_loop : rx_loop, &pairs[q])) {
+        if (pthread_create(&th, NULL, mode == M_GSO || mode == M_TX ? gso_loop : rx_loop, &pairs[q])) {
             fprintf(stderr, "vufront: pthread_create failed\n");
             return 1;
         }
     }
-    (mode == M_GSO ? gso_loop : rx_loop)(&pairs[0]);
+    (mode == M_GSO || mode == M_TX ? gso_loop : rx_loop)(&pairs[0]);
     return 0;
 }

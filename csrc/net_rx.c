@@ -273,6 +273,8 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
             vq->stats.drop_ring_full++;
             continue;
         }
+        if (qp->capture)
+            vr_capture_frame(qp, VR_CAP_RX, qp->rx_iov + c->iov_first, niov, hl, (uint32_t)(got - hl));
         vr_rx_complete(qp, vq, (uint64_t)got);
         vq->stats.packets++;
         vq->stats.bytes += (uint64_t)got - hl;
@@ -281,6 +283,7 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
     vr_stash_return(qp, vq);
     vr_vq_flush(qp, vq);
     vr_log_flush(qp);
+    vr_vq_publish(vq);
     vr_hist_add(&vq->stats, n);
     return state;
 }

@@ -227,6 +227,11 @@ static bool vr_tx_prepare(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
     if (s->copied) {
         memcpy(bounce, &hdr, hl);       /* sanitized, as the zero-copy path's iov[0] */
         qp->tx_copied++;
+        if (qp->capture) {
+            struct iovec one = { .iov_base = bounce, .iov_len = hl + frame_len };
+
+            vr_capture_frame(qp, VR_CAP_TX, &one, 1, hl, frame_len);
+        }
         return true;
     }
 
@@ -246,6 +251,8 @@ static bool vr_tx_prepare(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov,
     iov[first].iov_len = hl;
     s->iov_first = first;
     s->iov_cnt = c->niov + 1 - first;
+    if (qp->capture)
+        vr_capture_frame(qp, VR_CAP_TX, iov + first, s->iov_cnt, hl, frame_len);
     return true;
 }
 
@@ -405,6 +412,7 @@ bool vr_tx_process(struct vr_qp *qp)
         vr_tx_complete_batch(qp, vq, nslot);
     vr_vq_flush(qp, vq);
     vr_log_flush(qp);                   /* TX buffers are only read: only ring writes are marked */
+    vr_vq_publish(vq);
     vr_hist_add(&vq->stats, n);
     return more;
 }

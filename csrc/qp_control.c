@@ -385,9 +385,14 @@ int vr_qp_set_addr(struct vr_qp *qp, int which, uint64_t desc_uva, uint64_t avai
 
 int vr_qp_set_base(struct vr_qp *qp, int which, uint32_t base)
 {
+    int r;
+
     VR_CHECK_PAUSED_VQ(qp, which);
     vr_qp_forget_inflight(qp, which);
-    return qp->vq[which].ops->set_base(&qp->vq[which], base);
+    r = qp->vq[which].ops->set_base(&qp->vq[which], base);
+    if (r == 0)
+        vr_vq_publish(&qp->vq[which]);
+    return r;
 }
 
 int vr_qp_get_base(struct vr_qp *qp, int which, uint32_t *base)
@@ -519,6 +524,22 @@ int vr_qp_set_log_addr(struct vr_qp *qp, int which, int log, uint64_t log_guest_
     VR_CHECK_PAUSED_VQ(qp, which);
     qp->vq[which].log_addr_set = log != 0;
     qp->vq[which].log_guest_addr = log ? log_guest_addr : 0;
+    return 0;
+}
+
+int vr_qp_set_saved(struct vr_qp *qp, int which, struct vr_vq_saved *saved)
+{
+    VR_CHECK_PAUSED_VQ(qp, which);
+    qp->vq[which].saved = saved;
+    if (saved)
+        vr_vq_publish(&qp->vq[which]);
+    return 0;
+}
+
+int vr_qp_set_capture(struct vr_qp *qp, struct vr_capture *c)
+{
+    VR_CHECK_PAUSED_VQ(qp, VR_RX);
+    qp->capture = c;
     return 0;
 }
 

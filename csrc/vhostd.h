@@ -24,7 +24,7 @@
 
 /* cdef-begin */
 
-#define VR_MAX_REGIONS 32       /* memory regions per device */
+#define VR_MAX_REGIONS 512      /* memory regions per device (CONFIGURE_MEM_SLOTS) */
 #define VR_MAX_QUEUE_SIZE 32768 /* virtio spec limit (split: 2^n; packed: any size) */
 #define VR_MAX_IOV 1024         /* UIO_MAXIOV: longest chain we hand to readv/writev */
 
@@ -92,7 +92,8 @@ struct vr_region {
     uint64_t hva;           /* our address of the first byte (mmap base + mmap_offset) */
 };
 
-/* The region table of one device; shared by all its queue pairs. */
+/* The region table of one device; shared by all its queue pairs. Sorted by gpa
+ * (vr_mem_validate checks it): guest-physical lookups are a binary search. */
 struct vr_mem {
     uint32_t nregions;
     struct vr_region regions[VR_MAX_REGIONS];
@@ -138,7 +139,8 @@ int vr_fd_fs_type(int fd, uint64_t *type);
  */
 void *vr_translate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t *len);
 
-/* Checks a table: regions non-empty, no gpa/uva overflow, no gpa overlap. 0 or -EINVAL. */
+/* Checks a table: regions non-empty, sorted by gpa, no gpa/uva/hva overflow, no gpa
+ * overlap. 0 or -EINVAL. */
 int vr_mem_validate(const struct vr_mem *mem);
 
 /* --- queue pair and worker (qp_control.c; the worker thread: worker.c) --- */
@@ -241,6 +243,24 @@ int vr_qp_set_log_addr(struct vr_qp *qp, int which, int log, uint64_t log_guest_
 uint64_t vr_qp_log_marks(struct vr_qp *qp);
 uint64_t vr_qp_log_overflow(struct vr_qp *qp);
 
+/*
+ * Ring positions a worker publishes after every burst that moved them, into
+ * memory the control plane keeps in a file on tmpfs, for a vhostd restarted
+ * after a crash (a packed ring's frontend resends only the position of its last
+ * clean stop). seq is odd while the worker writes and even after: an odd seq
+ * read after a crash means the positions are torn. Positions as
+ * SET/GET_VRING_BASE halves: split free-running index, packed slot | wrap << 15.
+ */
+struct vr_vq_saved {
+    uint64_t seq;
+    uint16_t avail;
+    uint16_t used;
+    uint32_t pad;
+};
+
+/* Where vq `which` publishes its positions (NULL: nowhere). Paused only. */
+int vr_qp_set_saved(struct vr_qp *qp, int which, struct vr_vq_saved *saved);
+
 /* Counters of vq `which`; valid for the qp's lifetime. Readable any time. */
 const struct vr_vq_stats *vr_qp_stats(struct vr_qp *qp, int which);
 
@@ -316,6 +336,42 @@ int vr_qp_set_busy_poll(struct vr_qp *qp, uint32_t usecs);
 /* Pins the worker thread to one CPU; -1 undoes it. -EINVAL for a CPU that is
  * not available to the process, -EPERM under a sandbox that forbids it. */
 int vr_qp_set_cpu(struct vr_qp *qp, int cpu);
+
+/* --- packet capture (capture.c) --- */
+
+#define VR_CAP_RX 1             /* TAP -> guest frames */
+#define VR_CAP_TX 2             /* guest -> TAP frames */
+
+/* One captured frame in a capture ring, followed by caplen bytes of the Ethernet
+ * frame (no vnet header) and padding to a multiple of 8 (len covers it all). */
+struct vr_cap_rec {
+    uint32_t len;               /* bytes of this record, header and padding included */
+    uint32_t caplen;            /* frame bytes kept (at most the snap length) */
+    uint32_t origlen;           /* frame length on the wire */
+    uint8_t dir;                /* VR_CAP_RX or VR_CAP_TX */
+    uint8_t queue;              /* queue pair */
+    uint16_t pad;
+    uint64_t ts_ns;             /* CLOCK_REALTIME when the datapath took it */
+};
+
+struct vr_capture;              /* opaque: one queue pair's capture ring */
+
+/* A capture ring of `bytes` (a power of two, 4 KiB .. 1 GiB) keeping at most
+ * `snaplen` bytes per frame of the directions in `dirs`, for queue pair `queue`.
+ * NULL (errno EINVAL/ENOMEM) on bad arguments. */
+struct vr_capture *vr_capture_new(uint32_t bytes, uint32_t snaplen, uint32_t dirs, uint32_t queue);
+void vr_capture_free(struct vr_capture *c);     /* detach it from its qp first */
+
+/* Attaches a capture ring to the worker (NULL detaches). Paused only. While
+ * attached the worker appends every frame it moves; a frame that does not fit
+ * is dropped from the capture and counted, never waited for. */
+int vr_qp_set_capture(struct vr_qp *qp, struct vr_capture *c);
+
+/* Consumer: moves whole records (at most `len` bytes) into buf; bytes moved. Any
+ * thread, one at a time per ring, concurrently with the worker. */
+long vr_capture_read(struct vr_capture *c, uint8_t *buf, uint64_t len);
+uint64_t vr_capture_frames(const struct vr_capture *c);     /* records written */
+uint64_t vr_capture_drops(const struct vr_capture *c);      /* frames that did not fit */
 
 /* --- test-only entry points (tests and fuzzers; the daemon never calls these) --- */
 

@@ -140,22 +140,72 @@ static inline bool vr_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t 
  * here. Returns the host pointer for `addr` in `space` and clamps *len to the bytes
  * contiguous in that region, or NULL if `addr` is in no region. Never computes
  * addr + len, so no input can overflow; zero-sized regions never match.
+ *
+ * Guest-physical lookups (the datapath's, per descriptor) try `hint` first (the
+ * region the caller's last lookup hit: buffers cluster) and otherwise binary-
+ * search the gpa-sorted table, so hundreds of regions cost a few comparisons.
+ * An unsorted table (which vr_mem_validate refuses) can only miss, never overrun.
+ * Frontend-virtual lookups happen on the control path (ring addresses at map
+ * time) and scan the table.
  */
+static inline const struct vr_region *vr_find_gpa(const struct vr_mem *mem, uint64_t addr, uint32_t *hint)
+{
+    uint32_t n = mem->nregions < VR_MAX_REGIONS ? mem->nregions : VR_MAX_REGIONS;
+    uint32_t lo = 0, hi = n;
+    const struct vr_region *r;
+
+    if (hint && *hint < n) {
+        r = &mem->regions[*hint];
+        if (addr >= r->gpa && addr - r->gpa < r->size)
+            return r;
+    }
+    while (lo < hi) {                   /* first region whose gpa is above addr */
+        uint32_t mid = lo + (hi - lo) / 2;
+
+        if (mem->regions[mid].gpa <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return NULL;
+    r = &mem->regions[lo - 1];
+    if (addr - r->gpa >= r->size)       /* also rejects size == 0 */
+        return NULL;
+    if (hint)
+        *hint = lo - 1;
+    return r;
+}
+
+static inline void *vr_xlate_gpa(const struct vr_mem *mem, uint32_t *hint, uint64_t addr, uint64_t *len)
+{
+    const struct vr_region *r = vr_find_gpa(mem, addr, hint);
+    uint64_t off;
+
+    if (!r)
+        return NULL;
+    off = addr - r->gpa;
+    if (*len > r->size - off)
+        *len = r->size - off;
+    return (void *)(uintptr_t)(r->hva + off);
+}
+
 static inline void *vr_xlate(const struct vr_mem *mem, int space, uint64_t addr, uint64_t *len)
 {
     uint32_t n = mem->nregions;
 
+    if (space == VR_SPACE_GPA)
+        return vr_xlate_gpa(mem, NULL, addr, len);
     if (n > VR_MAX_REGIONS)
         n = VR_MAX_REGIONS;
     for (uint32_t i = 0; i < n; i++) {
         const struct vr_region *r = &mem->regions[i];
-        uint64_t base = space == VR_SPACE_UVA ? r->uva : r->gpa;
         uint64_t off;
 
-        if (addr < base)
+        if (addr < r->uva)
             continue;
-        off = addr - base;
-        if (off >= r->size)         /* also rejects size == 0 */
+        off = addr - r->uva;
+        if (off >= r->size)             /* also rejects size == 0 */
             continue;
         if (*len > r->size - off)
             *len = r->size - off;
@@ -200,12 +250,12 @@ static inline void *vr_map_ring_part(const struct vr_mem *mem, uint64_t uva, uin
  * at the same index, for the dirty log (no reverse lookup later). 0, -EFAULT
  * (some byte unmapped or the range wraps), or -ENOBUFS (more than `max` iovecs).
  */
-static inline int vr_gather(const struct vr_mem *mem, uint64_t addr, uint64_t len,
+static inline int vr_gather(const struct vr_mem *mem, uint32_t *hint, uint64_t addr, uint64_t len,
                             struct iovec *iov, uint64_t *gpa, unsigned *niov, unsigned max)
 {
     while (len) {
         uint64_t l = len;
-        void *p = vr_xlate(mem, VR_SPACE_GPA, addr, &l);
+        void *p = vr_xlate_gpa(mem, hint, addr, &l);
 
         if (!p || l == 0)
             return -EFAULT;
@@ -270,6 +320,7 @@ struct vr_vq {
     uint32_t used_since_signal;         /* packed: descriptors used since the last call decision */
 
     struct vr_vq_stats stats;
+    struct vr_vq_saved *saved;          /* vr_qp_set_saved(): where positions are published */
 };
 
 /* One popped chain: readable iovecs iov[0..nout), writable iov[nout..niov). */
@@ -343,6 +394,7 @@ struct vr_tx_slot {
 
 struct vr_qp {
     struct vr_mem *mem;
+    uint32_t xlate_hint;                /* region of the last guest-physical lookup */
     int tap_fd;
     int io_mode;                        /* asked for by vr_qp_new(), then what the worker got */
     int io_error;                       /* errno io_uring set-up failed with, 0 if not tried or fine */
@@ -384,6 +436,8 @@ struct vr_qp {
     struct { uint64_t word, bits; } log_cache[VR_LOG_CACHE];
     uint64_t log_marks;                 /* pages whose bit this qp turned on */
     uint64_t log_overflow;              /* marks beyond the log's end (dropped) */
+
+    struct vr_capture *capture;         /* vhostctl capture: frames are copied here; NULL: off */
 
     /* per-qp scratch: no allocation per packet */
     struct iovec tx_iov[VR_MAX_IOV];
@@ -558,6 +612,28 @@ static inline void vr_log_used(struct vr_qp *qp, const struct vr_vq *vq, uint64_
         vr_log_write(qp, (vq->log_addr_set ? vq->log_guest_addr : vq->used_gpa) + off, len);
 }
 
+/* Publishes vq's positions (vr_qp_set_saved) if they moved: seq odd, positions,
+ * seq even. Stores only: the memory is a tmpfs file that outlives the process. */
+static inline void vr_vq_publish(struct vr_vq *vq)
+{
+    struct vr_vq_saved *s = vq->saved;
+    uint32_t base;
+    uint16_t avail, used;
+
+    if (!s)
+        return;
+    base = vq->ops->get_base(vq);
+    avail = (uint16_t)base;
+    used = vq->ops == &vr_split_ops ? vq->used_idx : (uint16_t)(base >> 16);
+    if (s->avail == avail && s->used == used && !(s->seq & 1) && s->seq)
+        return;
+    __atomic_store_n(&s->seq, s->seq | 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    s->avail = avail;
+    s->used = used;
+    __atomic_store_n(&s->seq, (s->seq | 1) + 1, __ATOMIC_RELEASE);
+}
+
 /* The ring-kind dispatch: one indirect call, the kind chosen once per vq. */
 static inline int vr_vq_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, uint64_t *gpa,
                             unsigned max_iov, struct vr_chain *c)
@@ -592,6 +668,11 @@ static inline bool vr_vq_enable_notify(struct vr_qp *qp, struct vr_vq *vq)
 
 /* net_tx.c: true if the burst limit stopped it (more work may be pending). */
 bool vr_tx_process(struct vr_qp *qp);
+
+/* capture.c: appends a frame (iov minus its first `skip` bytes, `len` bytes) to
+ * qp->capture, which the caller has checked is set. */
+void vr_capture_frame(struct vr_qp *qp, uint32_t dir, const struct iovec *iov, unsigned niov, size_t skip,
+                      uint32_t len);
 
 /* net_rx.c */
 /* Forgets the chains RX has popped but not used (the stash) without touching

@@ -176,7 +176,7 @@ static inline int vr_add_buf(struct vr_qp *qp, const struct vring_packed_desc *d
             return VR_BROKEN_DESC;
         c->out_len += d->len;
     }
-    r = vr_gather(qp->mem, d->addr, d->len, iov, gpa, &c->niov, max_iov);
+    r = vr_gather(qp->mem, &qp->xlate_hint, d->addr, d->len, iov, gpa, &c->niov, max_iov);
     if (r == -ENOBUFS)
         return VR_POP_NOSPACE;
     if (r)
@@ -199,7 +199,7 @@ static int vr_walk_indirect(struct vr_qp *qp, struct vr_vq *vq, const struct vri
         return VR_BROKEN_DESC;
     if (d->len == 0 || (d->len % 16) || d->len / 16 > vq->num)
         return VR_BROKEN_INDIRECT;
-    table = vr_xlate(qp->mem, VR_SPACE_GPA, d->addr, &l);
+    table = vr_xlate_gpa(qp->mem, &qp->xlate_hint, d->addr, &l);
     if (!table)
         return VR_BROKEN_ADDR;
     /* contiguous in one region, and 16-byte aligned like the descriptor ring */

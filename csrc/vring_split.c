@@ -169,7 +169,7 @@ static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, u
             if (indirect || (d.flags & VRING_DESC_F_NEXT) || d.len == 0 || (d.len % 16) ||
                 d.len / 16 > qsize)
                 goto bad;
-            p = vr_xlate(qp->mem, VR_SPACE_GPA, d.addr, &l);
+            p = vr_xlate_gpa(qp->mem, &qp->xlate_hint, d.addr, &l);
             if (!p) {
                 why = VR_BROKEN_ADDR;
                 goto bad;
@@ -194,7 +194,7 @@ static int vr_split_pop(struct vr_qp *qp, struct vr_vq *vq, struct iovec *iov, u
                 goto bad;
             c->out_len += d.len;
         }
-        r = vr_gather(qp->mem, d.addr, d.len, iov, gpa, &c->niov, max_iov);
+        r = vr_gather(qp->mem, &qp->xlate_hint, d.addr, d.len, iov, gpa, &c->niov, max_iov);
         if (r == -ENOBUFS)
             return VR_POP_NOSPACE;
         if (r) {

@@ -14,9 +14,9 @@ LAYERS = (
     ("port", "metrics", "ringstate"),                       # one port; what the control socket reports
     ("dispatch",),                                          # the request table, one connection's loop
     ("session",),                                           # the meaning of each request
-    ("device",),                                            # queue pairs and workers
-    ("memory", "virtio_net", "vring", "connection"),
-    ("tap", "unixsock", "native", "protocol", "config", "stats"),
+    ("device", "dirty_log"),                                # queue pairs and workers; the migration log
+    ("memory", "virtio_net", "vring", "connection", "capture", "saved_rings", "config"),
+    ("tap", "unixsock", "native", "protocol", "stats"),
     ("fds", "errors"),                                      # imported by everyone
 )
 LAYER = {m: i for i, names in enumerate(LAYERS) for m in names}

@@ -23,6 +23,8 @@ from vhostd.config import (
     apply_control_access,
     check_port,
     MAX_BUSY_POLL_US,
+    MAX_TAP_MTU,
+    MIN_MTU,
     TX_COPY_LIMIT,
     load_config,
     parse_group,
@@ -63,7 +65,8 @@ def vhostd_parser() -> argparse.ArgumentParser:
                    help="host TAP device: created, or attached if a persistent TAP of that name exists")
     p.add_argument("--netns", metavar="NAME", help="network namespace the TAP lives in (from `ip netns add`)")
     p.add_argument("--mac", metavar="MAC", help="MAC address of the host-side TAP interface")
-    p.add_argument("--mtu", type=_int_in(68, 65535), metavar="N", help="MTU of the TAP interface")
+    p.add_argument("--mtu", type=_int_in(MIN_MTU, MAX_TAP_MTU), metavar="N",
+                   help=f"MTU of the TAP interface ({MIN_MTU}..{MAX_TAP_MTU})")
     p.add_argument("--queues", type=_int_in(1, MAX_QUEUE_PAIRS), default=1, metavar="N",
                    help=f"queue pairs (1..{MAX_QUEUE_PAIRS}, default 1)")
     p.add_argument("--busy-poll-us", type=_int_in(0, MAX_BUSY_POLL_US), default=0, metavar="N",

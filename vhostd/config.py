@@ -37,8 +37,11 @@ import tomllib
 from dataclasses import dataclass, field, replace
 
 from vhostd.errors import SetupError
+from vhostd.tap import check_name
 
 MAX_QUEUE_PAIRS = 16
+MIN_MTU = 68        # IPv4's minimum
+MAX_TAP_MTU = 65521  # Linux tun: 65535 - the largest header a TAP may prepend
 DEFAULT_SOCKET_MODE = 0o660
 MAX_BUSY_POLL_US = 1_000_000  # csrc/vhostd.h VR_MAX_BUSY_POLL_US
 TX_COPY_LIMIT = 512  # csrc/vhostd.h VR_TX_COPY_LIMIT
@@ -150,16 +153,15 @@ def check_port(p: PortConfig, where: str = "") -> PortConfig:
     at = f"{where}: " if where else ""
     if not _NAME.match(p.name):
         raise SetupError(f"{at}port name {p.name!r} is invalid (letters, digits, _.:@-)")
+    check_name(p.tap)
     if not p.socket and p.fd is None:
         raise SetupError(f"{at}a socket path is required")
     if not 1 <= p.queues <= MAX_QUEUE_PAIRS:
         raise SetupError(f"{at}queues {p.queues} out of range (1..{MAX_QUEUE_PAIRS})")
-    if p.mtu is not None and not 68 <= p.mtu <= 65535:
-        raise SetupError(f"{at}mtu {p.mtu} out of range (68..65535)")
-    if p.mac is not None and not _MAC.match(p.mac):
-        raise SetupError(f"{at}mac {p.mac!r} is not xx:xx:xx:xx:xx:xx")
+    if p.mtu is not None and not MIN_MTU <= p.mtu <= MAX_TAP_MTU:
+        raise SetupError(f"{at}mtu {p.mtu} out of range ({MIN_MTU}..{MAX_TAP_MTU}, a TAP's limits)")
     if p.mac is not None:
-        p = replace(p, mac=p.mac.lower())
+        p = replace(p, mac=check_mac(p.mac, f"{at}mac"))
     if not 0 <= p.busy_poll_us <= MAX_BUSY_POLL_US:
         raise SetupError(f"{at}busy_poll_us {p.busy_poll_us} out of range (0..{MAX_BUSY_POLL_US})")
     if p.tap_io not in TAP_IO_MODES:
@@ -175,6 +177,19 @@ def check_port(p: PortConfig, where: str = "") -> PortConfig:
         if len(set(p.cpu_affinity)) != len(p.cpu_affinity):
             raise SetupError(f"{at}cpu_affinity lists a CPU twice")
     return p
+
+
+def check_mac(text: str, what: str = "mac") -> str:
+    """A unicast, non-zero MAC address in xx:xx:xx:xx:xx:xx form, lower case."""
+    if not _MAC.match(text):
+        raise SetupError(f"{what} {text!r} is not xx:xx:xx:xx:xx:xx")
+    octets = bytes.fromhex(text.replace(":", ""))
+    if octets[0] & 1:
+        raise SetupError(f"{what} {text} is a multicast address (the first octet is odd): use a unicast one, "
+                         "e.g. 02:00:00:00:00:01")
+    if not any(octets):
+        raise SetupError(f"{what} {text} is all zeros")
+    return text.lower()
 
 
 def format_cpus(cpus) -> str:
@@ -287,7 +302,14 @@ def apply_control_access(cfg: DaemonConfig) -> None:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """ADDR:PORT (IPv6 as [ADDR]:PORT)."""
-    m = re.match(r"^\[?([^\]]*)\]?:(\d+)$", text)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise SetupError(f"metrics listen address {text!r} is not ADDR:PORT")
-    return m.group(1) or "127.0.0.1", int(m.group(2))
+    m = re.match(r"^(\[[^\]]*\]|[^\[\]:]*):(\d+)$", text)
+    if not m:
+        raise SetupError(f"metrics listen address {text!r} is not ADDR:PORT (IPv6: [ADDR]:PORT)")
+    if not 0 < int(m.group(2)) < 65536:
+        raise SetupError(f"metrics listen address {text!r}: port {m.group(2)} out of range (1..65535)")
+    return m.group(1).strip("[]") or "127.0.0.1", int(m.group(2))
+
+
+def listen_url(host: str, port: int, path: str = "/metrics") -> str:
+    """http://HOST:PORT/path, an IPv6 host in brackets."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"

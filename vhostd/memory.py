@@ -173,7 +173,8 @@ def _check_disjoint(regions: list[MemRegion]) -> None:
 
 
 def _fill(table, mapped: list[MappedRegion]) -> None:
+    """The C table, sorted by guest-physical address (the datapath binary-searches it)."""
     table.nregions = len(mapped)
-    for i, m in enumerate(mapped):
+    for i, m in enumerate(sorted(mapped, key=lambda m: m.region.gpa)):
         r = table.regions[i]
         r.gpa, r.uva, r.size, r.hva = m.region.gpa, m.region.uva, m.region.size, m.hva

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vhostd.config import parse_listen
+from vhostd.config import listen_url, parse_listen
 from vhostd.errors import SetupError
 from vhostd.stats import BATCH_BUCKETS, HELP, VQ_COUNTERS
 
@@ -99,7 +99,7 @@ class MetricsServer:
             self.server = await asyncio.start_server(self._client, self.host, self.port, limit=MAX_LINE)
         except OSError as exc:
             raise SetupError(f"metrics endpoint {self.host}:{self.port}: {exc.strerror}") from None
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        log.info("metrics on %s", listen_url(self.host, self.port))
 
     async def stop(self) -> None:
         if self.server is not None:

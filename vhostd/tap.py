@@ -86,8 +86,11 @@ class Tap:
 
 
 def check_name(name: str) -> str:
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
-        raise SetupError(f"invalid interface name {name!r} (1-15 characters, no '/' or spaces)")
+    """Linux's dev_valid_name(): 1-15 bytes, not . or .., no '/', ':' or white space."""
+    if (not name or len(name.encode()) >= IFNAMSIZ or name in (".", "..") or "/" in name or ":" in name
+            or any(c.isspace() for c in name)):
+        raise SetupError(f"invalid interface name {name!r} (1-15 characters, no '/', ':' or spaces, "
+                         "not . or ..)")
     return name
 
 

@@ -109,7 +109,7 @@ class Dev:
         rings: a function (mem, which) -> ring to lay the rings out itself."""
         features = self.features
         self.mem = mem if mem is not None else GuestMemory(8 << 20)
-        regs = list(self.mem.regions())
+        regs = sorted(self.mem.regions())                   # the C table is sorted by gpa
         for i, (gpa, size, uva, off, fd) in enumerate(regs):
             a = ffi.new("uint64_t *")
             assert lib.vr_mmap(fd, size + off, a) == 0

@@ -1,0 +1,78 @@
+"""Port and daemon settings refused up front with one line naming the setting
+(vhostd/config.py, vhostd/cli.py): values a TAP, a MAC or a listen address cannot
+take, instead of a raw errno from the kernel later."""
+from __future__ import annotations
+
+import pytest
+
+from vhostd.cli import daemon_config, vhostd_parser
+from vhostd.config import PortConfig, check_port, listen_url, parse_listen
+from vhostd.errors import SetupError
+
+
+@pytest.mark.parametrize("tap, ok", [("vm1", True), ("a" * 15, True), ("a" * 16, False), ("eth0:1", False),
+                                     ("a/b", False), ("a b", False), (".", False), ("..", False), ("", False)])
+def test_tap_names_as_the_kernel_takes_them(tap, ok):
+    port = PortConfig(socket="/run/vhostd/x.sock", tap=tap, name="p")
+    if ok:
+        assert check_port(port).tap == tap
+    else:
+        with pytest.raises(SetupError, match="invalid interface name"):
+            check_port(port)
+
+
+@pytest.mark.parametrize("mtu, ok", [(68, True), (9000, True), (65521, True), (65522, False), (65535, False),
+                                     (67, False)])
+def test_mtu_within_a_taps_limits(mtu, ok):
+    port = PortConfig(socket="/s", tap="t0", mtu=mtu)
+    if ok:
+        assert check_port(port).mtu == mtu
+    else:
+        with pytest.raises(SetupError, match=r"mtu .* out of range \(68\.\.65521"):
+            check_port(port)
+    if not 68 <= mtu <= 65521:
+        with pytest.raises(SystemExit):
+            vhostd_parser().parse_args(["--socket", "/s", "--tap", "t0", "--mtu", str(mtu)])
+
+
+@pytest.mark.parametrize("mac, message", [
+    ("02:00:00:00:00:01", None), ("52:54:00:AB:CD:EF", None),
+    ("01:00:5e:00:00:01", "is a multicast address"), ("ff:ff:ff:ff:ff:ff", "is a multicast address"),
+    ("00:00:00:00:00:00", "is all zeros"), ("02:00:00:00:00", "is not xx:xx:xx:xx:xx:xx"),
+])
+def test_mac_must_be_unicast_and_nonzero(mac, message):
+    port = PortConfig(socket="/s", tap="t0", mac=mac)
+    if message is None:
+        assert check_port(port).mac == mac.lower()
+    else:
+        with pytest.raises(SetupError, match=message):
+            check_port(port)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("127.0.0.1:9712", ("127.0.0.1", 9712)), ("[::1]:9712", ("::1", 9712)), (":9712", ("127.0.0.1", 9712)),
+    ("localhost:80", ("localhost", 80)),
+])
+def test_listen_addresses(text, want):
+    assert parse_listen(text) == want
+
+
+@pytest.mark.parametrize("text, message", [
+    ("127.0.0.1:70000", "port 70000 out of range"), ("[::1]:0", "port 0 out of range"),
+    ("127.0.0.1", "is not ADDR:PORT"), ("::1:80", "is not ADDR:PORT"),
+])
+def test_bad_listen_addresses_say_what_is_wrong(text, message):
+    with pytest.raises(SetupError, match=message):
+        parse_listen(text)
+
+
+def test_listen_url_brackets_ipv6():
+    assert listen_url("::1", 9712) == "http://[::1]:9712/metrics"
+    assert listen_url("127.0.0.1", 80) == "http://127.0.0.1:80/metrics"
+
+
+def test_command_line_mac_and_name_checked_before_anything_is_created():
+    for args, message in ((["--mac", "01:02:03:04:05:06"], "multicast"), (["--tap", "bad:name"], "interface name")):
+        argv = ["--socket", "/tmp/vhd-never.sock", "--tap", "t0", "--control", "", *args]
+        with pytest.raises(SetupError, match=message):
+            daemon_config(vhostd_parser().parse_args(argv))

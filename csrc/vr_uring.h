@@ -3,7 +3,7 @@
  * syscalls (io_uring_setup(2), io_uring_enter(2), io_uring_register(2); Linux
  * include/uapi/linux/io_uring.h), used by the worker to hand the TAP a whole burst
  * of writev/readv requests per kernel crossing. Header-only so that
- * scripts/bench/tapwrite.c can measure exactly the code the datapath runs.
+ * bench/tapwrite.c can measure exactly the code the datapath runs.
  *
  * Only what the datapath needs: one ring per worker thread, SQEs filled in order
  * and submitted together, then every completion waited for before the caller

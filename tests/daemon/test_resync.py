@@ -113,7 +113,11 @@ def test_tx_resync_in_qemu_order_returns_the_chains_to_the_guest(daemon, netns):
         g.tx.kick()
         _wait_used(g.tx, 5)
         _wait_log(d, "vring 1: base 0x5 disagrees with used idx 0x3")
-        assert stats(d)["totals"]["tx_drop_disabled"] == 2
+        # Dropped if the worker's first pass ran before SET_VRING_ENABLE, sent if the
+        # enable came first (the worker thread is scheduled late on a busy host):
+        # either way both chains were consumed exactly once.
+        t = stats(d)["totals"]
+        assert t["tx_drop_disabled"] + t["tx_packets"] == 2, t
     finally:
         g.close()
 

@@ -89,6 +89,7 @@ class Dev:
         self.cmem = ffi.new("struct vr_mem *")
         self.maps = []
         self.mem = None
+        self.keep = []      # buffers the worker may write into until close() (a dirty log)
         self.tap, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.tap.setblocking(False)
         self.peer.settimeout(5)

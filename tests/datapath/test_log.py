@@ -53,6 +53,9 @@ class Log:
     def install(self, dev: Dev) -> None:
         with dev.paused(settle=True):
             assert lib.vr_qp_set_log(dev.qp, self.addr, self.words) == 0
+        # The worker writes into the bitmap until the queue pair is freed, which the
+        # make_dev fixture does after the test returns: the buffer lives as long.
+        dev.keep.append(self)
         self.clear(dev)
 
     def clear(self, dev: Dev) -> None:

@@ -14,7 +14,8 @@ LAYERS = (
     ("port", "metrics", "ringstate"),                       # one port; what the control socket reports
     ("dispatch",),                                          # the request table, one connection's loop
     ("session",),                                           # the meaning of each request
-    ("device", "dirty_log"),                                # queue pairs and workers; the migration log
+    ("device",),                                            # queue pairs and workers
+    ("dirty_log",),                                         # the migration log (checked like memory)
     ("memory", "virtio_net", "vring", "connection", "capture", "saved_rings", "config"),
     ("tap", "unixsock", "native", "protocol", "stats"),
     ("fds", "errors"),                                      # imported by everyone

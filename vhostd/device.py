@@ -19,10 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vhostd import tap as taplib
+from vhostd.dirty_log import MappedLog
 from vhostd.errors import SetupError, WorkerStuck
 from vhostd.fds import OwnedFd, close_all
 from vhostd.memory import GuestMemory, MappedRegion
 from vhostd.native import BROKEN_REASONS, RX, TX, check, ffi, lib
+from vhostd.protocol import VringAddr
 from vhostd.stats import VQ_COUNTERS, vq_counters
 from vhostd.virtio_net import OFFERED_PROTOCOL_FEATURES, offered_features, tap_offloads, vnet_hdr_len
 from vhostd.vring import Vring
@@ -71,6 +73,11 @@ class QueuePair:
         for attr, setter in (("kick", lib.vr_qp_set_kick), ("call", lib.vr_qp_set_call), ("err", lib.vr_qp_set_err)):
             f = getattr(vring, attr)
             check(setter(self.ptr, w, f.fd if f is not None else -1), f"{what} {attr} fd")
+        if vring.addr is not None:
+            # VHOST_VRING_F_LOG: the used ring's writes are logged at log_guest_addr.
+            a = vring.addr
+            check(lib.vr_qp_set_log_addr(self.ptr, w, int(bool(a.flags & VringAddr.F_LOG)), a.log),
+                  f"{what} log address")
         check(lib.vr_qp_set_enabled(self.ptr, w, int(vring.enabled)), what)
         check(lib.vr_qp_set_started(self.ptr, w, int(vring.started)), what)
 
@@ -111,6 +118,7 @@ class _Stuck:
     mem: GuestMemory
     tap: object
     fds: list = field(default_factory=list)
+    log: MappedLog | None = None    # the dirty log it may still mark
 
 
 _stuck: list[_Stuck] = []
@@ -124,6 +132,8 @@ def reap_stuck() -> list[str]:
         if not s.qps:
             _stuck.remove(s)
             s.mem.clear()
+            if s.log is not None:
+                s.log.release()
             close_all(s.fds)
             s.tap.close()
             lines.append(f"port {s.port}: the stuck worker came back; its memory, fds and TAP are released")
@@ -148,6 +158,8 @@ class NetDevice:
         self.features = offered_features(queue_pairs, mtu=mtu_configured, uso=uso)
         self.protocol_features = OFFERED_PROTOCOL_FEATURES
         self.mem = GuestMemory()
+        self.log: MappedLog | None = None   # the dirty log of a live migration (SET_LOG_BASE)
+        self.hdr_len = 10                   # vnet header length the TAP expects (set_features)
         self.qps: list[QueuePair] = []
         self._attached = [True] * queue_pairs
         self._held: list[OwnedFd] = []   # vring fds a stuck worker may still use
@@ -200,7 +212,35 @@ class NetDevice:
             for fd in self.tap.fds:
                 taplib.set_vnet_hdr_len(fd, hdr)
                 taplib.set_offload(fd, tap_offloads(acked))
+            self.hdr_len = hdr
         return mapped
+
+    def install_log(self, new: MappedLog | None) -> None:
+        """SET_LOG_BASE: the workers mark into `new` from their next burst on (None: no
+        log). The old log is unmapped only once every worker has stopped writing it
+        (all paused for the swap); a parked worker holds no unlogged write, so no mark
+        is lost in between."""
+        with self.all_paused():
+            for qp in self.qps:
+                if new is None:
+                    check(lib.vr_qp_set_log(qp.ptr, 0, 0), "dirty log")
+                else:
+                    check(lib.vr_qp_set_log(qp.ptr, new.addr, new.words), "dirty log")
+            old, self.log = self.log, new
+        if old is not None:
+            old.release()
+
+    def log_counters(self) -> dict:
+        """Pages the workers turned on in dirty logs, and marks that fell beyond a log's
+        end, for the life of the port."""
+        return {"pages_marked": sum(lib.vr_qp_log_marks(qp.ptr) for qp in self.qps),
+                "marks_beyond_log": sum(lib.vr_qp_log_overflow(qp.ptr) for qp in self.qps)}
+
+    def inject(self, frame: bytes) -> None:
+        """Writes one frame into the TAP from the control plane (SEND_RARP), behind a
+        vnet header that asks for no offload. A TAP write is one frame whatever the
+        worker writes on the same queue meanwhile. Raises OSError (EAGAIN: TAP full)."""
+        os.write(self.tap.fds[0].fd, bytes(self.hdr_len) + frame)
 
     async def change_mtu(self, mtu: int) -> None:
         """NET_SET_MTU: the TAP's link MTU (netlink blocks: in a thread), then the
@@ -270,7 +310,11 @@ class NetDevice:
             for qp in self.qps:
                 for which in (RX, TX):
                     qp.reset_vq(which)
+                check(lib.vr_qp_set_log(qp.ptr, 0, 0), "dirty log")
             self.mem.clear()
+            old_log, self.log = self.log, None
+        if old_log is not None:
+            old_log.release()
         for i in range(self.queue_pairs):
             self._steer(i, True)  # every TAP queue attached while no frontend is there
 
@@ -310,11 +354,14 @@ class NetDevice:
         stuck = [qp for qp in self.qps if not qp.free()]
         self.qps.clear()
         if stuck:
-            _stuck.append(_Stuck(self.port, stuck, self.mem, self.tap, self._held))
+            _stuck.append(_Stuck(self.port, stuck, self.mem, self.tap, self._held, self.log))
             log.error("port %s: %d stuck worker(s): memory, fds and TAP kept until they come back",
                       self.port, len(stuck))
             return
         self.mem.clear()
+        if self.log is not None:
+            self.log.release()
+            self.log = None
         close_all(self._held)
         self.tap.close()
 

@@ -30,6 +30,7 @@ from vhostd.errors import (
 )
 from vhostd.protocol import (
     Header,
+    LogArea,
     ProtocolFeature,
     Request,
     VringAddr,
@@ -81,8 +82,8 @@ REQUEST_TABLE: dict[Request, Row] = {
     R.SET_OWNER: Row(S.set_owner, unpack_empty),
     R.RESET_OWNER: Row(S.reset_owner, unpack_empty),
     R.SET_MEM_TABLE: Row(S.set_mem_table, unpack_mem_table, fds=(1, 8)),
-    R.SET_LOG_BASE: Row(None, unpack_raw, fds=(0, 1), reply=_ALWAYS),
-    R.SET_LOG_FD: Row(None, unpack_raw, fds=(0, 1)),
+    R.SET_LOG_BASE: Row(S.set_log_base, LogArea.unpack, fds=(0, 1), reply=_ALWAYS),
+    R.SET_LOG_FD: Row(S.set_log_fd, unpack_raw, fds=(0, 1)),
     R.SET_VRING_NUM: Row(S.set_vring_num, VringState.unpack, vring=True),
     R.SET_VRING_ADDR: Row(S.set_vring_addr, VringAddr.unpack, vring=True),
     R.SET_VRING_BASE: Row(S.set_vring_base, VringState.unpack, vring=True),
@@ -94,7 +95,7 @@ REQUEST_TABLE: dict[Request, Row] = {
     R.SET_PROTOCOL_FEATURES: Row(S.set_protocol_features, unpack_u64),
     R.GET_QUEUE_NUM: Row(S.get_queue_num, unpack_empty, reply=_ALWAYS),
     R.SET_VRING_ENABLE: Row(S.set_vring_enable, VringState.unpack, vring=True),
-    R.SEND_RARP: Row(None, unpack_raw),
+    R.SEND_RARP: Row(S.send_rarp, unpack_u64),
     R.NET_SET_MTU: Row(S.net_set_mtu, unpack_u64),
     R.SET_BACKEND_REQ_FD: Row(None, unpack_raw, fds=(0, 1)),
     R.IOTLB_MSG: Row(None, unpack_raw),

@@ -216,6 +216,24 @@ class VringAddr:
 
 
 @dataclass(frozen=True)
+class LogArea:
+    """VhostUserLog (SET_LOG_BASE): the dirty log is the mmap_size bytes at
+    mmap_offset of the fd attached (vhost-user spec, "Migration")."""
+
+    size: int
+    offset: int
+    FORMAT = struct.Struct("=QQ")
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "LogArea":
+        _exact(data, cls.FORMAT.size, "log area")
+        return cls(*cls.FORMAT.unpack(data))
+
+    def pack(self) -> bytes:
+        return self.FORMAT.pack(self.size, self.offset)
+
+
+@dataclass(frozen=True)
 class VringFile:
     """u64 payload of SET_VRING_KICK/CALL/ERR: index in bits 0-7, bit 8 = no fd.
 

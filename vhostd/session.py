@@ -13,11 +13,14 @@ import time
 
 from vhostd.connection import Connection
 from vhostd.device import NetDevice
+from vhostd.dirty_log import map_log
 from vhostd.errors import RequestError, WorkerStuck
 from vhostd.fds import OwnedFd, is_eventfd
 from vhostd.native import lib
 from vhostd.protocol import (
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
+    LogArea,
     MemRegion,
     ProtocolFeature,
     VringAddr,
@@ -55,6 +58,8 @@ class Session:
         self.owner = False
         self.status = 0
         self.errors = 0
+        self._features_acked = False        # a SET_FEATURES was served
+        self.log_fd: OwnedFd | None = None  # SET_LOG_FD: kept, never written (QEMU polls the log)
         self.since = time.time()
         self._resync_pending: set[int] = set()  # vrings with a SET_VRING_BASE not yet checked
 
@@ -64,7 +69,13 @@ class Session:
         except WorkerStuck:
             pass  # the device keeps what the worker may use; the port fails and closes it
         finally:
+            self._drop_log_fd()
             self.conn.close()
+
+    def _drop_log_fd(self) -> None:
+        if self.log_fd is not None:
+            self.log_fd.close()
+            self.log_fd = None
 
     def _reset_device(self) -> None:
         """Every ring idle and memory unmapped, then the vring fds closed: only once
@@ -111,6 +122,11 @@ class Session:
                 1 for i in range(self.device.queue_pairs) if self.vrings[2 * i].enabled and self.vrings[2 * i + 1].enabled
             ),
             "request_errors": self.errors,
+            "dirty_log": {
+                "logging": bool(self.features & bit(F_LOG_ALL)),
+                "log_bytes": self.device.log.words * 8 if self.device.log is not None else 0,
+                **self.device.log_counters(),
+            },
         }
 
     # --- features ----------------------------------------------------------------
@@ -125,15 +141,32 @@ class Session:
         broken = check_dependencies(features)
         if broken:
             raise RequestError(f"features {features:#x}: {broken}")
-        self.features = features
+        was, self.features = self.features, features
         self._note_mapped(self.device.set_features(features))
-        self.log.info("features: %s", " ".join(feature_names(features)) or "none")
+        if self._features_acked and not (was ^ features) & ~bit(F_LOG_ALL):
+            # Only LOG_ALL changed (a migration starting or ending), or nothing did
+            # (QEMU sends SET_FEATURES once per queue pair): one line, not the list.
+            if (was ^ features) & bit(F_LOG_ALL):
+                self._log_logging()
+        else:
+            self.log.info("features: %s", " ".join(feature_names(features)) or "none")
+            if features & bit(F_LOG_ALL):
+                self._log_logging()
+        self._features_acked = True
         if not features & bit(F_PROTOCOL_FEATURES):
             # Spec: without PROTOCOL_FEATURES rings are enabled from the start.
             for v in self.vrings:
                 if not v.enabled:
                     v.enabled = True
                     self._apply(v)
+
+    def _log_logging(self) -> None:
+        if not self.features & bit(F_LOG_ALL):
+            self.log.info("dirty logging off (%d pages marked so far)", self.device.log_counters()["pages_marked"])
+        elif self.device.log is None:
+            self.log.warning("LOG_ALL acked before SET_LOG_BASE: nothing is logged until a log arrives")
+        else:
+            self.log.info("dirty logging on (log of %d KiB)", self.device.log.words * 8 >> 10)
 
     def get_protocol_features(self) -> bytes:
         return pack_u64(self.device.protocol_features)
@@ -153,6 +186,8 @@ class Session:
     def reset_owner(self) -> None:
         """Deprecated RESET_OWNER: back to the state of a fresh connection."""
         self._reset_device()
+        self._drop_log_fd()
+        self._features_acked = False
         self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
         self.features = 0
         self.owner = False
@@ -191,6 +226,54 @@ class Session:
         for v in self.vrings:
             if v.configured and not v.mapped:
                 self.log.warning("vring %d: rings are not inside the new memory table", v.index)
+
+    # --- live migration (vhost-user spec, "Migration") -------------------------------
+
+    def set_log_base(self, area: LogArea, fds: list[OwnedFd]) -> bytes:
+        """Maps the dirty log and hands it to every worker. QEMU waits for the reply
+        (with LOG_SHMFD negotiated) before it starts harvesting."""
+        if not self.protocol_acked(ProtocolFeature.LOG_SHMFD):
+            raise RequestError("SET_LOG_BASE without the LOG_SHMFD protocol feature")
+        if len(fds) != 1:
+            raise RequestError("no log fd attached")
+        top = max((m.region.gpa + m.region.size for m in self.device.mem.regions), default=0)
+        new = map_log(area.size, area.offset, fds[0], top)
+        try:
+            self.device.install_log(new)
+        except BaseException:
+            if self.device.log is not new:
+                new.release()
+            raise
+        self.log.info("dirty log: %d KiB at offset %#x, covers guest memory up to %#x",
+                      area.size >> 10, area.offset, new.covers)
+        return pack_u64(0)
+
+    def set_log_fd(self, payload: bytes, fds: list[OwnedFd]) -> None:
+        """SET_LOG_FD: the eventfd a backend may signal after it updated the log.
+        Our marks are plain memory writes QEMU harvests on its own schedule, so the
+        fd is kept (and closed with the connection), not written."""
+        if len(payload) not in (0, 8):
+            raise RequestError(f"payload of {len(payload)} bytes (none or a u64 expected)")
+        fd = fds[0] if fds else None
+        if fd is not None and not is_eventfd(fd.fd):
+            raise RequestError("log fd is not an eventfd")
+        self._drop_log_fd()
+        self.log_fd = fd
+
+    def send_rarp(self, payload: int) -> None:
+        """SEND_RARP: after a migration, a broadcast RARP frame from the guest's MAC
+        (the first 6 bytes of the payload) goes out through the TAP, so that bridges
+        and switches learn where the guest is now."""
+        if not self.protocol_acked(ProtocolFeature.RARP):
+            raise RequestError("SEND_RARP without the RARP protocol feature")
+        mac = payload.to_bytes(8, "little")[:6]
+        if mac[0] & 1 or mac == bytes(6):
+            raise RequestError(f"MAC {mac.hex(':')} is not a unicast address")
+        try:
+            self.device.inject(rarp_frame(mac))
+        except OSError as exc:
+            raise RequestError(f"cannot write the RARP frame to the TAP: {exc.strerror}") from None
+        self.log.info("announced %s (RARP)", mac.hex(":"))
 
     # --- vrings ------------------------------------------------------------------
 
@@ -312,3 +395,15 @@ class Session:
         v = self.vrings[state.index]
         v.enabled = bool(state.num)
         self._apply(v, self._resync_base(v) if v.enabled else None)
+
+
+ETH_P_RARP = 0x8035
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """RFC 903 reverse request (op 3), broadcast, from and about `mac`, padded to the
+    60-byte Ethernet minimum: what bridges learn the guest's new port from."""
+    eth = b"\xff" * 6 + mac + ETH_P_RARP.to_bytes(2, "big")
+    arp = (b"\x00\x01" b"\x08\x00" b"\x06\x04" b"\x00\x03"  # Ethernet, IPv4, 6/4 bytes, op 3
+           + mac + bytes(4) + mac + bytes(4))
+    return (eth + arp).ljust(60, b"\x00")

@@ -25,6 +25,7 @@ F_HOST_TSO6 = 12
 F_HOST_ECN = 13
 F_HOST_UFO = 14
 F_MRG_RXBUF = 15
+F_GUEST_ANNOUNCE = 21
 F_MQ = 22
 F_GUEST_USO4 = 54
 F_GUEST_USO6 = 55
@@ -40,7 +41,8 @@ FEATURE_NAMES = {
     F_CSUM: "CSUM", F_GUEST_CSUM: "GUEST_CSUM", F_MTU: "MTU", F_GUEST_TSO4: "GUEST_TSO4",
     F_GUEST_TSO6: "GUEST_TSO6", F_GUEST_ECN: "GUEST_ECN", F_GUEST_UFO: "GUEST_UFO", F_HOST_TSO4: "HOST_TSO4",
     F_HOST_TSO6: "HOST_TSO6", F_HOST_ECN: "HOST_ECN", F_HOST_UFO: "HOST_UFO", F_MRG_RXBUF: "MRG_RXBUF",
-    F_MQ: "MQ", F_LOG_ALL: "LOG_ALL", F_INDIRECT_DESC: "INDIRECT_DESC", F_EVENT_IDX: "EVENT_IDX",
+    F_GUEST_ANNOUNCE: "GUEST_ANNOUNCE", F_MQ: "MQ", F_LOG_ALL: "LOG_ALL", F_INDIRECT_DESC: "INDIRECT_DESC",
+    F_EVENT_IDX: "EVENT_IDX",
     F_PROTOCOL_FEATURES: "PROTOCOL_FEATURES", F_VERSION_1: "VERSION_1", F_RING_PACKED: "RING_PACKED",
     F_IN_ORDER: "IN_ORDER", F_GUEST_USO4: "GUEST_USO4", F_GUEST_USO6: "GUEST_USO6", F_HOST_USO: "HOST_USO",
 }
@@ -52,10 +54,14 @@ def feature_names(features: int, names: dict[int, str] = FEATURE_NAMES) -> list[
 
 # What the datapath implements for every guest (the USO bits are added when the host's
 # TAP supports them, MTU when the port has one configured, MQ with several queue pairs).
+# Live migration (vhost-user spec, "Migration"): LOG_ALL, the dirty log the datapath
+# marks while it is acked; GUEST_ANNOUNCE lets QEMU ask a migrated guest to announce
+# itself (QEMU serves the control queue that carries it; the backend only offers the bit).
 DATAPATH_FEATURES = sum(bit(b) for b in (
     F_VERSION_1, F_INDIRECT_DESC, F_EVENT_IDX, F_MRG_RXBUF, F_RING_PACKED,
     F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO,
     F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO,
+    F_LOG_ALL, F_GUEST_ANNOUNCE,
 ))
 USO_FEATURES = bit(F_GUEST_USO4) | bit(F_GUEST_USO6) | bit(F_HOST_USO)
 
@@ -71,8 +77,11 @@ def offered_features(queue_pairs: int, mtu: bool = False, uso: bool = False) -> 
     return features
 
 
+# LOG_SHMFD: the dirty log comes as a shared memfd (SET_LOG_BASE); RARP: QEMU asks for
+# an announce frame (SEND_RARP) after a migration when the guest cannot announce itself.
 OFFERED_PROTOCOL_FEATURES = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.STATUS)
-                             | bit(ProtocolFeature.NET_MTU))
+                             | bit(ProtocolFeature.NET_MTU) | bit(ProtocolFeature.LOG_SHMFD)
+                             | bit(ProtocolFeature.RARP))
 
 
 # Guest receive offloads -> what the TAP may hand us (TUNSETOFFLOAD). All need GUEST_CSUM.

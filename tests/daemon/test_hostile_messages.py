@@ -45,7 +45,8 @@ from tests.daemon.traffic import HDR, Guest, collect, frame, marker_of, vhostctl
 NEED = C.VHOST_USER_VERSION | C.VHOST_USER_NEED_REPLY
 UVA = 0x7F00_0000_0000          # tests.driver.guestmem's default uva base
 MB = 1 << 20
-ACK_PF = C.bits(C.PROTOCOL_F_REPLY_ACK, C.PROTOCOL_F_MQ, C.PROTOCOL_F_NET_MTU)
+ACK_PF = C.bits(C.PROTOCOL_F_REPLY_ACK, C.PROTOCOL_F_MQ, C.PROTOCOL_F_NET_MTU, C.PROTOCOL_F_LOG_SHMFD,
+                C.PROTOCOL_F_RARP)
 SPLIT_FEATURES = C.bits(C.VIRTIO_F_VERSION_1, C.VHOST_USER_F_PROTOCOL_FEATURES)
 PACKED_FEATURES = SPLIT_FEATURES | C.bits(C.VIRTIO_F_RING_PACKED)
 
@@ -268,13 +269,46 @@ case("SET_MEM_TABLE-2-regions-1-fd", "one fd per region", C.SET_MEM_TABLE,
      "2 memory regions but 1 fds", fds=lambda: [memfd()])
 case("nine-fds", "at most 8 fds per message", C.SET_MEM_TABLE, msg(C.SET_MEM_TABLE, pack_mem_table([R1])),
      "close", "SET_MEM_TABLE: more than 8 fds", fds=lambda: [eventfd() for _ in range(9)])
-for req in (C.SET_LOG_FD, C.SET_BACKEND_REQ_FD, C.SET_INFLIGHT_FD):
+for req in (C.SET_BACKEND_REQ_FD, C.SET_INFLIGHT_FD):
     case(f"{C.REQUEST_NAMES[req]}-unsupported-with-fd", "unsupported request, fd closed", req,
          msg(req, pack_u64(0)), "nack", "not supported", fds=lambda: [memfd()])
 case("ADD_MEM_REG-unsupported-with-fd", "unsupported request, fd closed", C.ADD_MEM_REG,
      msg(C.ADD_MEM_REG, pack_u64(0) + pack_region(*R1)), "nack", "not supported", fds=lambda: [memfd()])
-case("SET_LOG_BASE-unsupported-with-fd", "unsupported request, fd closed", C.SET_LOG_BASE,
-     msg(C.SET_LOG_BASE, pack_u64(MB) + pack_u64(0)), "empty", "not supported", fds=lambda: [memfd()])
+
+# --- live migration: the dirty log and the announce (session.py, dirty_log.py) ---
+def _log(size, offset=0):
+    return msg(C.SET_LOG_BASE, pack_u64(size) + pack_u64(offset))
+
+
+for size in (0, 8, 17, 0x1000):
+    case(f"SET_LOG_BASE-size-{size}", "exact payload size (SET_LOG_BASE)", C.SET_LOG_BASE,
+         msg(C.SET_LOG_BASE, b"\0" * size), "close", f"payload is {size} bytes", prefix="raw")
+case("SET_LOG_BASE-no-fd", "log: fd present", C.SET_LOG_BASE, _log(4096), "empty", "no log fd attached",
+     prefix="mem")
+for size, offset, why in ((0, 0, "multiples of 8"), (12, 0, "multiples of 8"), (4096, 4, "multiples of 8"),
+                          (1 << 40, 0, "too large"), (4096, 1 << 40, "too large"),
+                          (2 * MB, 0, "exceeds its file"), (4096, MB, "exceeds its file"),
+                          (64, 0, "covers guest memory up to")):
+    case(f"SET_LOG_BASE-{size:#x}-at-{offset:#x}", "log: size, offset, file, memory covered", C.SET_LOG_BASE,
+         _log(size, offset), "empty", why, prefix="mem", fds=lambda: [memfd()])
+case("SET_LOG_BASE-eventfd", "log: a memory file", C.SET_LOG_BASE, _log(4096), "empty", "not a memory file",
+     prefix="mem", fds=lambda: [eventfd()])
+case("SET_LOG_BASE-without-LOG_SHMFD", "log: protocol feature negotiated", C.SET_LOG_BASE, _log(4096),
+     "empty", "without the LOG_SHMFD", prefix="noack", fds=lambda: [memfd()])
+case("SET_LOG_FD-memfd", "log fd: an eventfd", C.SET_LOG_FD, msg(C.SET_LOG_FD, pack_u64(0)), "nack",
+     "not an eventfd", fds=lambda: [memfd()])
+case("SET_LOG_FD-payload-16", "log fd: payload", C.SET_LOG_FD, msg(C.SET_LOG_FD, b"\0" * 16), "nack",
+     "payload of 16 bytes", fds=lambda: [eventfd()])
+case("SET_LOG_FD-2-fds", "fd count per request", C.SET_LOG_FD, msg(C.SET_LOG_FD, pack_u64(0)), "nack",
+     "2 fds attached, expected 0..1", fds=lambda: [eventfd(), eventfd()])
+for mac in ("ffffffffffff", "010000000001", "000000000000"):
+    case(f"SEND_RARP-{mac}", "announce: a unicast MAC", C.SEND_RARP,
+         msg(C.SEND_RARP, bytes.fromhex(mac) + b"\0\0"), "nack", "not a unicast address")
+case("SEND_RARP-without-RARP", "announce: protocol feature negotiated", C.SEND_RARP,
+     msg(C.SEND_RARP, bytes.fromhex("525400000001") + b"\0\0"), "silent", "without the RARP", prefix="noack")
+for size in (0, 6, 9):
+    case(f"SEND_RARP-size-{size}", "exact payload size (SEND_RARP)", C.SEND_RARP,
+         msg(C.SEND_RARP, b"\0" * size), "close", f"payload is {size} bytes", prefix="raw")
 for rid in (0, 44, 0x99, 0xFFFF_FFFF):
     case(f"unknown-request-{rid:#x}", "unknown request id", None, msg(rid, b""), "nack",
          f"request {rid:#x} is not supported")

@@ -34,7 +34,7 @@ MEM_REGION = struct.Struct("=QQQQ")          # gpa, size, uva, mmap_offset
 MAX_REPLY_PAYLOAD = 0x1000
 
 # What QEMU 7.2's vhost-user-net asks for by default (of what vhostd may offer).
-DEFAULT_PROTOCOL_FEATURES = C.bits(C.PROTOCOL_F_MQ, C.PROTOCOL_F_RARP,
+DEFAULT_PROTOCOL_FEATURES = C.bits(C.PROTOCOL_F_MQ, C.PROTOCOL_F_RARP, C.PROTOCOL_F_LOG_SHMFD,
                                    C.PROTOCOL_F_REPLY_ACK, C.PROTOCOL_F_NET_MTU)
 
 
@@ -425,6 +425,15 @@ class Frontend:
 
     def net_set_mtu(self, mtu: int, need_reply: bool | None = None) -> None:
         self._set(C.NET_SET_MTU, pack_u64(mtu), need_reply=need_reply)
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> Reply:
+        """SET_LOG_BASE {mmap_size, mmap_offset} + the log's fd; the back-end always
+        replies (LOG_SHMFD). Returns the reply (its fds are the caller's)."""
+        self.request(C.SET_LOG_BASE, pack_u64(size) + pack_u64(offset), [fd])
+        return self.reply(C.SET_LOG_BASE)
+
+    def set_log_fd(self, fd: int | None, need_reply: bool | None = None) -> None:
+        self._set(C.SET_LOG_FD, b"", [] if fd is None else [fd], need_reply)
 
     def send_rarp(self, mac: bytes, need_reply: bool | None = None) -> None:
         """MAC in the first 6 bytes of the u64 payload."""

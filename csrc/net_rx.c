@@ -269,7 +269,11 @@ enum vr_rx_state vr_rx_process(struct vr_qp *qp)
         }
         if (got < 0 || trunc || (size_t)got < hl) {
             /* Frame larger than the buffers (the kernel dropped it) or a runt:
-             * the chains stay stashed for the next frame. */
+             * the chains stay stashed for the next frame. The kernel may have
+             * written into them all the same (a truncated copy, a partial one
+             * before EFAULT): those pages are marked too, so that a migrated
+             * guest's memory is the source's byte for byte. */
+            vr_rx_log(qp, c->iov_first, got > 0 ? (uint64_t)got : UINT64_MAX);
             vq->stats.drop_ring_full++;
             continue;
         }

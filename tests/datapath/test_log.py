@@ -25,6 +25,7 @@ from tests.datapath.harness import (
     Dev,
     eth_frame,
     mrg_frames,
+    wait_for,
 )
 from tests.driver import GuestMemory, net_hdr
 
@@ -309,3 +310,24 @@ def test_split_used_ring_logged_at_log_guest_addr(make_dev):
 def lib_errno(name: str) -> int:
     import errno
     return getattr(errno, name)
+
+
+def test_rx_frame_dropped_after_the_read_still_marks_the_buffers_it_was_read_into(make_dev):
+    """A frame larger than the buffers posted is read into them, truncated and
+    dropped (drop_ring_full); the chain stays with the device, unused. The bytes
+    the kernel copied into it are guest memory written all the same: marked, so
+    that the migrated guest's memory equals the source's page for page."""
+    mem = GuestMemory(8 * M1)
+    dev = make_dev(features=F_V1 | F_LOG_ALL, mem=mem, ring_region=0)
+    log = Log.for_memory(mem)
+    log.install(dev)
+    gpa = 5 * M1 + 4096 - 100                # 600 bytes over two pages
+    post_writable(dev.rx, gpa, 600)
+    dev.rx.publish()
+    dev.rx.kick()
+    dev.peer.send(net_hdr() + eth_frame(1400, 1))
+    wait_for(lambda: dev.stats(lib.VR_RX)["drop_ring_full"] == 1, what="the drop")
+    with dev.paused():
+        got = log.pages()
+    assert pages_of(gpa, 600) <= got, sorted(got)
+    assert dev.rx.get_used() == []

@@ -1,0 +1,325 @@
+"""End to end: live migration of a QEMU guest served by vhostd to another QEMU served
+by another vhostd, on one host (the topology of two hosts: each QEMU has its own
+backend; both TAPs on one L2, here a bridge in the test's namespace).
+
+- The guest downloads a file over and over (sha256 checked each round) and pings
+  the host while QEMU migrates it (QMP `migrate` to `-incoming tcp:127.0.0.1:P`).
+  The destination is started with -S, so when the migration completes both VMs
+  are stopped: their RAM files are compared page by page. A page the source's
+  vhostd wrote (RX buffers, used rings) without marking it in the dirty log would
+  differ: none may. Then the destination runs on: the rounds after the migration
+  still check out and the pings resume; the pings lost are printed.
+- Split rings with the guest announcing itself (GUEST_ANNOUNCE acked: QEMU asks
+  the guest), and packed rings with guest_announce=off, where QEMU asks the
+  destination's vhostd for a RARP frame (SEND_RARP).
+- A cancelled migration: logging is switched off again and the guest's traffic
+  goes on through the source's vhostd.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import guest as g
+from test_guest_vhostd import Vhostd
+
+PAGE = 4096
+MEM_MB = 256
+ROUNDS = 4
+FILE_SIZE = 16 << 20
+MIGRATE_BOUND_S = 180.0
+_SEQ = re.compile(r"seq=(\d+) ttl=\d+")
+_ROUND = re.compile(r"VHOSTD-ROUND=(\d+) (\S+)")
+
+
+class Qmp:
+    """A minimal QMP client: one command at a time, events skipped."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rwb")
+        json.loads(self.file.readline())          # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **arguments):
+        msg = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            rep = json.loads(self.file.readline())
+            if "event" in rep:
+                continue
+            if "error" in rep:
+                raise RuntimeError(f"QMP {name}: {rep['error']}")
+            return rep["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class MigQemu(g.Qemu):
+    """A guest whose RAM is a shared file on /dev/shm (so that the test can compare
+    the source's and the destination's) with a QMP socket."""
+
+    def __init__(self, image, socket_path, *, ram: str, qmp: str, incoming: str | None = None, **kw):
+        extra = ["-qmp", f"unix:{qmp},server=on,wait=off"]
+        if incoming:
+            extra += ["-incoming", incoming, "-S"]
+        super().__init__(image, socket_path, mem_mb=MEM_MB, extra_args=extra, **kw)
+        self.ram = ram
+        self.qmp_path = qmp
+
+    def command(self, initrd):
+        cmd = super().command(initrd)
+        i = cmd.index(f"memory-backend-memfd,id=mem,size={MEM_MB}M,share=on")
+        cmd[i] = f"memory-backend-file,id=mem,size={MEM_MB}M,mem-path={self.ram},share=on"
+        return cmd
+
+
+def script(url: str, rounds: int = ROUNDS) -> str:
+    return f"""#!/bin/sh
+i=0
+while [ $i -lt 120 ]; do
+    if ping -c 1 -W 1 {g.HOST_IP} >/dev/null 2>&1; then break; fi
+    i=$((i+1))
+done
+echo "VHOSTD-READY"
+ping -i 0.2 -W 1 {g.HOST_IP} &
+pinger=$!
+r=0
+while [ $r -lt {rounds} ]; do
+    r=$((r+1))
+    echo "VHOSTD-ROUND-START=$r"
+    if wget -q -O /tmp/p {url}; then s=$(sha256sum /tmp/p | cut -d' ' -f1); else s=wget-failed; fi
+    rm -f /tmp/p
+    echo "VHOSTD-ROUND=$r $s"
+done
+kill $pinger
+sleep 1
+echo "VHOSTD-TEST-EXIT=0"
+"""
+
+
+class Pair:
+    """Source and destination: a vhostd each, their TAPs in one bridge that holds
+    the host address; an HTTP server behind the bridge."""
+
+    def __init__(self, netns: str, sock_dir: str):
+        self.netns = netns
+        self.dir = sock_dir
+        self.ns = g.NetNS(netns)
+        self.daemons: dict[str, Vhostd] = {}
+        self.qemus: list[MigQemu] = []
+        self.rams: list[str] = []
+        self.ns.exec(["ip", "link", "add", "br0", "type", "bridge"])
+        self.ns.exec(["ip", "addr", "add", f"{g.HOST_IP}/{g.PREFIX_LEN}", "dev", "br0"])
+        self.ns.exec(["ip", "link", "set", "br0", "up"])
+        for side in ("src", "dst"):
+            os.makedirs(os.path.join(sock_dir, side), exist_ok=True)
+            d = Vhostd(os.path.join(sock_dir, f"{side}.sock"), netns, tap=f"vhdmig{side}",
+                       control=os.path.join(sock_dir, f"{side}.ctl"), logdir=os.path.join(sock_dir, side))
+            self.daemons[side] = d
+            d.start()
+            g.wait_for_socket(d.socket_path, timeout=30, proc=d)
+            self.ns.wait_link(f"vhdmig{side}", timeout=20, proc=d)
+            self.ns.exec(["ip", "link", "set", f"vhdmig{side}", "master", "br0"])
+            self.ns.exec(["ip", "link", "set", f"vhdmig{side}", "up"])
+
+    def qemu(self, image, side: str, test_script: str, incoming: str | None = None, **kw) -> MigQemu:
+        ram = f"/dev/shm/vhd-mig-{os.getpid()}-{len(self.rams)}"
+        self.rams.append(ram)
+        q = MigQemu(image, self.daemons[side].socket_path, ram=ram, qmp=os.path.join(self.dir, f"{side}.qmp"),
+                    incoming=incoming, test_script=test_script, **kw)
+        self.qemus.append(q)
+        q.start()
+        return q
+
+    def ports(self, side: str) -> list[dict]:
+        r = subprocess.run([sys.executable, "-c", "import sys; from vhostd.cli import vhostctl_main; "
+                            "sys.exit(vhostctl_main(sys.argv[1:]))", "--control",
+                            os.path.join(self.dir, f"{side}.ctl"), "ports", "--json"],
+                           capture_output=True, text=True, cwd=str(g.REPO_ROOT), timeout=20)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def describe(self) -> str:
+        out = [d.describe(40) for d in self.daemons.values()]
+        for q in self.qemus:
+            out.append(f"--- qemu {q.ram}: stderr ---\n{q.stderr}\n--- console ---\n{g.tail(q.log, 30)}")
+        return "\n".join(out) + "\n" + self.ns.diagnostics()
+
+    def close(self) -> None:
+        for q in self.qemus:
+            q.cleanup()
+        for d in self.daemons.values():
+            d.kill()
+        for ram in self.rams:
+            if os.path.exists(ram):
+                os.unlink(ram)
+
+
+@pytest.fixture
+def pair(netns, sock_dir):
+    p = Pair(netns, sock_dir)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_migration(qmp: Qmp, want: set[str], what, timeout: float = MIGRATE_BOUND_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = qmp.cmd("query-migrate")
+        if info.get("status") in want:
+            return info
+        assert info.get("status") not in ("failed", "cancelled") or info.get("status") in want, \
+            f"migration {info}\n{what()}"
+        assert time.monotonic() < deadline, f"migration still {info}\n{what()}"
+        time.sleep(0.2)
+
+
+def differing_pages(a: str, b: str) -> list[int]:
+    n: list[int] = []
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        ma = mmap.mmap(fa.fileno(), 0, prot=mmap.PROT_READ)
+        mb = mmap.mmap(fb.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            assert len(ma) == len(mb)
+            step = 1 << 20
+            for off in range(0, len(ma), step):
+                if ma[off:off + step] != mb[off:off + step]:
+                    n += [p // PAGE for p in range(off, off + step, PAGE) if ma[p:p + PAGE] != mb[p:p + PAGE]]
+        finally:
+            ma.close()
+            mb.close()
+    return n
+
+
+def pings(*qemus) -> tuple[int, int]:
+    """(replies, lost) over the sequence numbers the guest's ping printed on both consoles."""
+    seqs = {int(s) for q in qemus for s in _SEQ.findall(q.log)}
+    if not seqs:
+        return 0, 0
+    return len(seqs), (max(seqs) - min(seqs) + 1) - len(seqs)
+
+
+def rounds(*qemus) -> dict[int, str]:
+    return {int(r): s for q in qemus for r, s in _ROUND.findall(q.log)}
+
+
+@pytest.mark.parametrize("rings", ["split", "packed-rarp"])
+def test_live_migration_keeps_memory_and_traffic(guest_image, pair, http_server, rings):
+    srv = http_server(size=FILE_SIZE)
+    opts = ["packed=on", "guest_announce=off"] if rings == "packed-rarp" else []
+    src = pair.qemu(guest_image, "src", script(srv.url), device_opts=opts)
+    assert src.wait_for(r"VHOSTD-ROUND-START=1", 240), pair.describe()
+    port = free_port()
+    dst = pair.qemu(guest_image, "dst", script(srv.url), incoming=f"tcp:127.0.0.1:{port}", device_opts=opts)
+    qs, qd = Qmp(src.qmp_path), Qmp(dst.qmp_path)
+    try:
+        g.wait_for_socket(pair.daemons["dst"].socket_path, timeout=10)
+        deadline = time.monotonic() + 30
+        while not pair.ports("dst")[0]["connected"]:
+            assert time.monotonic() < deadline, "destination QEMU never connected to its vhostd\n" + pair.describe()
+            time.sleep(0.1)
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 256 << 20})
+        t0 = time.monotonic()
+        qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        info = wait_migration(qs, {"completed"}, pair.describe)
+        elapsed = time.monotonic() - t0
+        src_port = pair.ports("src")[0]
+        marked = src_port["frontend"]["dirty_log"]["pages_marked"]
+        assert "dirty logging on" in pair.daemons["src"].stderr(), pair.describe()
+        assert marked > 0, src_port
+
+        # Both VMs are stopped: the destination's RAM must be the source's.
+        differ = differing_pages(src.ram, dst.ram)
+        assert not differ, (f"{len(differ)} pages differ after the migration: "
+                            f"{[hex(p) for p in differ[:20]]}\n{pair.describe()}")
+
+        qd.cmd("cont")
+        res = dst.wait(timeout=240)
+        got = rounds(src, dst)
+        assert sorted(got) == list(range(1, ROUNDS + 1)), f"{got}\n{pair.describe()}"
+        assert all(s == srv.sha256 for s in got.values()), f"{got} != {srv.sha256}\n{pair.describe()}"
+        assert res.rc == 0, res.describe() + pair.describe()
+        replies, lost = pings(src, dst)
+        assert replies > 0
+        after = [int(s) for s in _SEQ.findall(dst.log)]
+        assert after, "no ping reply after the migration\n" + pair.describe()
+        dst_log = pair.daemons["dst"].stderr()
+        if rings == "packed-rarp":
+            assert re.search(r"announced 52:54:00:12:34:56 \(RARP\)", dst_log), pair.describe()
+        else:
+            assert "RARP" not in dst_log          # the guest announced itself
+        print(f"\n[e2e] migration ({rings}): {elapsed:.2f}s total, downtime {info.get('downtime')} ms, "
+              f"{info['ram']['transferred'] >> 20} MiB sent, {marked} pages marked by vhostd, "
+              f"{len(differ)} pages differ, pings {replies} replied / {lost} lost", file=sys.stderr)
+    finally:
+        qs.close()
+        qd.close()
+
+
+def test_cancelled_migration_keeps_the_guest_on_the_source(guest_image, pair, http_server):
+    srv = http_server(size=FILE_SIZE)
+    src = pair.qemu(guest_image, "src", script(srv.url, rounds=3))
+    assert src.wait_for(r"VHOSTD-ROUND-START=1", 240), pair.describe()
+    port = free_port()
+    dst = pair.qemu(guest_image, "dst", script(srv.url), incoming=f"tcp:127.0.0.1:{port}")
+    qs = Qmp(src.qmp_path)
+    try:
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})   # slow: it cannot finish first
+        qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        wait_migration(qs, {"active"}, pair.describe)
+        log = pair.daemons["src"].stderr
+        deadline = time.monotonic() + 30
+        while "dirty logging on" not in log():
+            assert time.monotonic() < deadline, pair.describe()
+            time.sleep(0.1)
+        qs.cmd("migrate_cancel")
+        wait_migration(qs, {"cancelled"}, pair.describe, timeout=60)
+        deadline = time.monotonic() + 30
+        while "dirty logging off" not in log():
+            assert time.monotonic() < deadline, pair.describe()
+            time.sleep(0.1)
+        assert pair.ports("src")[0]["frontend"]["dirty_log"]["logging"] is False
+        res = src.wait(timeout=240)
+        got = rounds(src)
+        assert sorted(got) == [1, 2, 3] and all(s == srv.sha256 for s in got.values()), \
+            f"{got}\n{pair.describe()}"
+        assert res.rc == 0, res.describe() + pair.describe()
+        replies, lost = pings(src)
+        print(f"\n[e2e] cancelled migration: guest stayed on the source, pings {replies} replied / {lost} lost",
+              file=sys.stderr)
+    finally:
+        qs.close()
+        dst.kill()

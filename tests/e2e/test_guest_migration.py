@@ -34,7 +34,7 @@ from test_guest_vhostd import Vhostd
 PAGE = 4096
 MEM_MB = 256
 ROUNDS = 4
-FILE_SIZE = 16 << 20
+FILE_SIZE = 32 << 20
 MIGRATE_BOUND_S = 180.0
 _SEQ = re.compile(r"seq=(\d+) ttl=\d+")
 _ROUND = re.compile(r"VHOSTD-ROUND=(\d+) (\S+)")
@@ -164,6 +164,13 @@ class Pair:
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
+    def wait_destination(self, qmp: Qmp, timeout: float = 30.0) -> None:
+        """The destination QEMU connected to its vhostd and listens for the migration."""
+        deadline = time.monotonic() + timeout
+        while not (self.ports("dst")[0]["connected"] and qmp.cmd("query-status")["status"] == "inmigrate"):
+            assert time.monotonic() < deadline, "destination QEMU not ready\n" + self.describe()
+            time.sleep(0.1)
+
     def describe(self) -> str:
         out = [d.describe(40) for d in self.daemons.values()]
         for q in self.qemus:
@@ -246,12 +253,8 @@ def test_live_migration_keeps_memory_and_traffic(guest_image, pair, http_server,
     dst = pair.qemu(guest_image, "dst", script(srv.url), incoming=f"tcp:127.0.0.1:{port}", device_opts=opts)
     qs, qd = Qmp(src.qmp_path), Qmp(dst.qmp_path)
     try:
-        g.wait_for_socket(pair.daemons["dst"].socket_path, timeout=10)
-        deadline = time.monotonic() + 30
-        while not pair.ports("dst")[0]["connected"]:
-            assert time.monotonic() < deadline, "destination QEMU never connected to its vhostd\n" + pair.describe()
-            time.sleep(0.1)
-        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 256 << 20})
+        pair.wait_destination(qd)
+        qs.cmd("migrate-set-parameters", **{"max-bandwidth": 64 << 20})
         t0 = time.monotonic()
         qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         info = wait_migration(qs, {"completed"}, pair.describe)
@@ -295,8 +298,9 @@ def test_cancelled_migration_keeps_the_guest_on_the_source(guest_image, pair, ht
     assert src.wait_for(r"VHOSTD-ROUND-START=1", 240), pair.describe()
     port = free_port()
     dst = pair.qemu(guest_image, "dst", script(srv.url), incoming=f"tcp:127.0.0.1:{port}")
-    qs = Qmp(src.qmp_path)
+    qs, qd = Qmp(src.qmp_path), Qmp(dst.qmp_path)
     try:
+        pair.wait_destination(qd)
         qs.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})   # slow: it cannot finish first
         qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         wait_migration(qs, {"active"}, pair.describe)
@@ -322,4 +326,5 @@ def test_cancelled_migration_keeps_the_guest_on_the_source(guest_image, pair, ht
               file=sys.stderr)
     finally:
         qs.close()
+        qd.close()
         dst.kill()

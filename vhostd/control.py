@@ -18,7 +18,7 @@ import os
 
 from vhostd.config import port_from_dict
 from vhostd.errors import SetupError
-from vhostd.metrics import render
+from vhostd.metrics import dirty_log, render
 from vhostd.ringstate import port_rings
 from vhostd.stats import totals
 from vhostd.unixsock import bind_unix
@@ -33,7 +33,9 @@ IDLE_TIMEOUT_S = 10.0     # a connection that sends no complete request for this
 
 def port_stats(port) -> dict:
     queues = port.device.counters() if port.device else []
-    return {"port": port.name, "connected": port.session is not None, "totals": totals(queues), "queues": queues}
+    return {"port": port.name, "connected": port.session is not None, "totals": totals(queues), "queues": queues,
+            "dirty_log": dirty_log(port)}
+
 
 
 def _select(ports: dict, name) -> list:

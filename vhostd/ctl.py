@@ -75,12 +75,20 @@ def print_ports(ports: list[dict]) -> None:
         if fe:
             print(f"{'':<16} frontend {fe['peer'] or '?'}: {' '.join(fe['feature_names'])}; "
                   f"{fe['queue_pairs_enabled']} queue pair(s) enabled, {fe['memory_regions']} memory region(s)")
+            dl = fe.get("dirty_log") or {}
+            if dl.get("logging"):
+                print(f"{'':<16} dirty logging on (migrating): {dl['pages_marked']} pages marked, "
+                      f"{dl['log_bytes']} byte log")
 
 
 def print_stats(stats: list[dict]) -> None:
     cols = ("packets", "bytes", "kicks", "calls", "calls_suppressed")
     for port in stats:
         print(f"port {port['port']} ({'connected' if port['connected'] else 'waiting'})")
+        dl = port.get("dirty_log")
+        if dl and (dl["logging"] or dl["pages_marked"]):
+            print(f"  dirty logging {'on' if dl['logging'] else 'off'}: {dl['pages_marked']} pages marked"
+                  + (f", {dl['marks_beyond_log']} beyond the log" if dl["marks_beyond_log"] else ""))
         print(f"  {'QUEUE':<6}" + "".join(f"{c:>17}" for c in cols) + f"{'drops':>12}")
         for q in port["queues"]:
             label = f"{q['dir']}{q['queue_pair']}"
@@ -94,6 +102,10 @@ def print_rings(ports: list[dict]) -> None:
     """Per vring: the device's positions, guest memory's, eventfds, and hints."""
     for port in ports:
         print(f"port {port['port']} ({'connected' if port['connected'] else 'waiting'})")
+        dl = port.get("dirty_log")
+        if dl and (dl["logging"] or dl["pages_marked"]):
+            print(f"  dirty logging {'on' if dl['logging'] else 'off'}: {dl['pages_marked']} pages marked"
+                  + (f", {dl['marks_beyond_log']} beyond the log" if dl["marks_beyond_log"] else ""))
         for r in port["rings"]:
             d, g = r["device"], r.get("guest", {})
             state = "ready" if r["ready"] else ("broken: " + str(r["broken"]) if r["broken"] else "not serviced")

@@ -19,6 +19,14 @@ def _esc(v: str) -> str:
     return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def dirty_log(port) -> dict:
+    """Live migration's dirty logging: on while the frontend has LOG_ALL negotiated;
+    pages marked (and marks beyond the log's end) for the life of the port."""
+    counters = port.device.log_counters() if port.device else {"pages_marked": 0, "marks_beyond_log": 0}
+    logging_on = bool(port.session and port.session.dirty_logging)
+    return {"logging": logging_on, **counters}
+
+
 def render(daemon) -> str:
     lines: list[str] = []
     ports = list(daemon.ports.values())
@@ -55,6 +63,12 @@ def render(daemon) -> str:
         ("vhostd_port_memory_bytes", "Guest memory mapped", lambda p: p.device.mem.total_size if p.device else 0),
         ("vhostd_port_request_errors_total", "Frontend requests refused",
          lambda p: p.session.errors if p.session else 0),
+        ("vhostd_port_dirty_logging", "1 while the frontend has dirty logging on (live migration)",
+         lambda p: int(dirty_log(p)["logging"])),
+        ("vhostd_port_dirty_log_pages_total", "Guest pages marked in the dirty log (live migration)",
+         lambda p: dirty_log(p)["pages_marked"]),
+        ("vhostd_port_dirty_log_beyond_total", "Dirty log marks beyond the log's end (frontend's log too small)",
+         lambda p: dirty_log(p)["marks_beyond_log"]),
     ]
     for metric, help_, fn in gauges:
         kind = "counter" if metric.endswith("_total") else "gauge"

@@ -123,11 +123,16 @@ class Session:
             ),
             "request_errors": self.errors,
             "dirty_log": {
-                "logging": bool(self.features & bit(F_LOG_ALL)),
+                "logging": self.dirty_logging,
                 "log_bytes": self.device.log.words * 8 if self.device.log is not None else 0,
                 **self.device.log_counters(),
             },
         }
+
+    @property
+    def dirty_logging(self) -> bool:
+        """LOG_ALL negotiated: the workers mark what they write in the dirty log."""
+        return bool(self.features & bit(F_LOG_ALL))
 
     # --- features ----------------------------------------------------------------
 

@@ -147,6 +147,13 @@ def test_rx_marks_buffers_and_used_ring_only_while_logging(daemon, netns):
         assert port["frontend"]["dirty_log"]["logging"] is True
         assert port["frontend"]["dirty_log"]["pages_marked"] >= len(written)
         assert "dirty logging on" in d.log()
+        st = stats(d)["dirty_log"]
+        assert st["logging"] is True and st["pages_marked"] == port["frontend"]["dirty_log"]["pages_marked"]
+        assert re.search(r"dirty logging on \(migrating\): \d+ pages marked", vhostctl(d, "ports").stdout)
+        assert re.search(r"dirty logging on: \d+ pages marked", vhostctl(d, "stats").stdout)
+        metrics = metric_samples(vhostctl(d, "metrics").stdout)
+        assert metrics[("vhostd_port_dirty_logging", port["name"])] == 1
+        assert metrics[("vhostd_port_dirty_log_pages_total", port["name"])] == st["pages_marked"]
 
         # Cancelled migration: logging off again, the guest's traffic goes on.
         _stop_logging(g)
@@ -155,6 +162,9 @@ def test_rx_marks_buffers_and_used_ring_only_while_logging(daemon, netns):
         assert log.pages() == set()
         assert "dirty logging off" in d.log()
         assert json_ports(d)[0]["frontend"]["dirty_log"]["logging"] is False
+        assert metric_samples(vhostctl(d, "metrics").stdout)[("vhostd_port_dirty_logging", port["name"])] == 0
+        # Pages marked stay counted for the life of the port (a monotonic counter).
+        assert stats(d)["dirty_log"]["pages_marked"] >= st["pages_marked"]
         assert data
     finally:
         sock.close()
@@ -252,6 +262,13 @@ def json_ports(d) -> list[dict]:
     r = vhostctl(d, "ports", "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def metric_samples(text: str) -> dict:
+    """{(name, port label): value} for the per-port samples, by Prometheus' own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, s.labels.get("port")): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples if "queue" not in s.labels}
 
 
 def maps(d) -> str:

@@ -204,10 +204,11 @@ class Bench:
         p.prompt(60)
         return p
 
-    def start_vufront(self, mode: str, sock: str, queues: int, qsize: int) -> tuple[Proc, str]:
+    def start_vufront(self, mode: str, sock: str, queues: int, qsize: int,
+                      options: tuple[str, ...] = ()) -> tuple[Proc, str]:
         st = os.path.join(self.tmp, f"vf{self.seq}.st")
-        p = self.start(f"vufront-{mode}", ["taskset", "-c", str(GEN_CPU), self.bin["vufront"], mode, sock, st,
-                                           str(queues), str(qsize)])
+        p = self.start(f"vufront-{mode}", ["taskset", "-c", str(GEN_CPU), self.bin["vufront"], *options, mode,
+                                           sock, st, str(queues), str(qsize)])
         deadline = time.monotonic() + 20
         while read_u64s(st, 1)[0] != 1:
             if not p.alive() or time.monotonic() > deadline:
@@ -398,6 +399,11 @@ class Bench:
         self.drain_result(r, a, b, dt)
         return r
 
+    def rx_sink(self, who: str) -> tuple[str, tuple[str, ...]]:
+        """The TAP->guest sink of a contender: "testpmd" or "vufront", and vufront's
+        options (A/B drivers override it, e.g. --log for dirty logging on)."""
+        return getattr(self.args, "rx_sink", "testpmd"), ()
+
     def _rx(self, who: str, size: int, queues: int, sock: str) -> dict:
         if who == "raw":
             raw, tap, st = self.start_raw("rx", queues, size)
@@ -408,13 +414,14 @@ class Bench:
                 return sum(v[1::2]), sum(v[2::2])
         else:
             backend, tap, _ = self.backend(who, sock, queues)
-            if getattr(self.args, "rx_sink", "testpmd") == "testpmd":
+            sink_kind, sink_options = self.rx_sink(who)
+            if sink_kind == "testpmd":
                 sink = self.start_testpmd_front("sink", sock, queues, "rxonly", size)
 
                 def count():
                     return sink.port_stats()[:2]
             else:
-                sink, st = self.start_vufront("rx", sock, queues, QUEUE_SIZE)
+                sink, st = self.start_vufront("rx", sock, queues, QUEUE_SIZE, sink_options)
 
                 def count():
                     return read_u64s(st, 3)[1:3]

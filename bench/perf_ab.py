@@ -4,11 +4,15 @@
     python3 bench/perf_ab.py --variant base=/tmp/snap-base \\
         --variant new=/tmp/snap-new --variant new-sys=/tmp/snap-new:--tap-io=syscall \\
         [--dpdk] [--dirs tx] [--sizes 64] [--reps 4] [--seconds 5]
+    python3 bench/perf_ab.py --variant off=.:sink=vufront --variant log=.:sink=vufront-log \
+        --dirs rx --sizes 64,1500          # dirty logging's cost (live migration)
 
 Each variant is a source tree with its C extension built (e.g. `git archive REV |
 tar -x -C DIR && cd DIR && python3 vhostd/_build_ffi.py`) plus optional
 settings after the colon, comma separated: K=V environment variables (for old
-trees) or --options given to that variant's vhostd; vhostd is started from that tree (`env -C DIR python3 -m
+trees), --options given to that variant's vhostd, or sink=vufront|vufront-log
+(the TAP->guest sink: bench/vufront.c rx, with --log a dirty log and LOG_ALL on,
+as during a live migration; default DPDK's testpmd); vhostd is started from that tree (`env -C DIR python3 -m
 vhostd ...`), so editing the working tree during a run changes nothing. Every
 repetition measures every variant once, in a rotating order; the summary gives
 per variant the median rate, the median backend CPU microseconds per packet and
@@ -40,7 +44,7 @@ class ABBench(bench.Bench):
         if kind == "dpdk":
             return super().start_backend(kind, sock)
         tree, settings = self.variants[kind]
-        env = [e for e in settings if not e.startswith("--")]
+        env = [e for e in settings if not e.startswith("--") and not e.startswith("sink=")]
         opts = [e for e in settings if e.startswith("--")]
         self.seq += 1
         tap, ctl = f"vhbv{self.seq}", os.path.join(self.tmp, f"ctl{self.seq}")
@@ -57,6 +61,15 @@ class ABBench(bench.Bench):
             bench.time.sleep(0.1)
         bench.run(["ip", "-n", self.ns, "link", "set", "dev", tap, "mtu", str(bench.TAP_MTU), "up"])
         return p, tap, ctl
+
+
+    def rx_sink(self, who):
+        """sink=vufront or sink=vufront-log (dirty logging on: the live migration
+        A/B) in a variant's settings; DPDK's testpmd otherwise."""
+        sink = next((e[5:] for e in self.variants.get(who, ("", []))[1] if e.startswith("sink=")), "testpmd")
+        if sink not in ("testpmd", "vufront", "vufront-log"):
+            raise bench.BenchError(f"sink={sink}: testpmd, vufront or vufront-log")
+        return ("vufront", ("--log",)) if sink == "vufront-log" else (sink, ())
 
 
 def main() -> int:

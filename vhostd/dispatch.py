@@ -111,9 +111,10 @@ REQUEST_TABLE: dict[Request, Row] = {
     R.GPU_SET_SOCKET: Row(None, unpack_raw, fds=(0, 1)),
     R.RESET_DEVICE: Row(None, unpack_raw),
     R.VRING_KICK: Row(None, unpack_raw),
-    R.GET_MAX_MEM_SLOTS: Row(None, unpack_raw, reply=_ALWAYS),
-    R.ADD_MEM_REG: Row(None, unpack_single_region, fds=(0, 1)),
-    R.REM_MEM_REG: Row(None, unpack_single_region, fds=(0, 1)),
+    R.GET_MAX_MEM_SLOTS: Row(S.get_max_mem_slots, unpack_empty, reply=_ALWAYS),
+    R.ADD_MEM_REG: Row(S.add_mem_reg, unpack_single_region, fds=(0, 1)),
+    # QEMU attaches the region's fd to REM_MEM_REG as well (vhost-user.c send_remove_regions).
+    R.REM_MEM_REG: Row(S.rem_mem_reg, unpack_single_region, fds=(0, 1)),
     R.SET_STATUS: Row(S.set_status, unpack_u64),
     R.GET_STATUS: Row(S.get_status, unpack_empty, reply=_ALWAYS),
     R.GET_SHARED_OBJECT: Row(None, unpack_raw, reply=_ALWAYS),

@@ -192,6 +192,36 @@ class Session:
             if v.configured and not v.mapped:
                 self.log.warning("vring %d: rings are not inside the new memory table", v.index)
 
+    def get_max_mem_slots(self) -> bytes:
+        """GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS): the datapath's region table size."""
+        return pack_u64(lib.VR_MAX_REGIONS)
+
+    def add_mem_reg(self, region: MemRegion, fds: list[OwnedFd]) -> None:
+        """ADD_MEM_REG: maps only the new region; the workers pause for the table swap."""
+        if len(fds) != 1:
+            raise RequestError(f"memory region gpa {region.gpa:#x}: no fd attached")
+        try:
+            table = self.device.mem.with_added(region, fds[0])
+        finally:
+            fds[0].close()  # a no-op when with_added took it; closes a refused one
+        self._swap_memory(table, f"memory region added: gpa {region.gpa:#x} size {region.size:#x}")
+
+    def rem_mem_reg(self, region: MemRegion, fds: list[OwnedFd]) -> None:
+        """REM_MEM_REG: QEMU attaches the region's fd again; it is not needed and closed.
+        Only the removed region is unmapped, after the swap."""
+        for fd in fds:
+            fd.close()
+        table = self.device.mem.without(region)
+        self._swap_memory(table, f"memory region removed: gpa {region.gpa:#x} size {region.size:#x}")
+
+    def _swap_memory(self, table, what: str) -> None:
+        was = {v.index for v in self.vrings if v.mapped}
+        self._note_mapped(self.device.install_memory(table))
+        self.log.info("%s (%d regions)", what, len(table))
+        for v in self.vrings:
+            if v.configured and v.index in was and not v.mapped:
+                self.log.warning("vring %d: rings are no longer inside guest memory", v.index)
+
     # --- vrings ------------------------------------------------------------------
 
     @property

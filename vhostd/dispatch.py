@@ -109,7 +109,7 @@ REQUEST_TABLE: dict[Request, Row] = {
     R.GET_INFLIGHT_FD: Row(None, unpack_raw, reply=_ALWAYS),
     R.SET_INFLIGHT_FD: Row(None, unpack_raw, fds=(0, 1)),
     R.GPU_SET_SOCKET: Row(None, unpack_raw, fds=(0, 1)),
-    R.RESET_DEVICE: Row(None, unpack_raw),
+    R.RESET_DEVICE: Row(S.reset_device, unpack_empty),
     R.VRING_KICK: Row(None, unpack_raw),
     R.GET_MAX_MEM_SLOTS: Row(S.get_max_mem_slots, unpack_empty, reply=_ALWAYS),
     R.ADD_MEM_REG: Row(S.add_mem_reg, unpack_single_region, fds=(0, 1)),

@@ -48,10 +48,8 @@ class Session:
         self.vrings = [Vring(i) for i in range(2 * device.queue_pairs)]
         self.features = 0
         self.protocol_features = 0
-        # SET_OWNER and SET_STATUS are recorded (and the status echoed by
-        # GET_STATUS) but drive nothing yet: the device lifecycle will give them
-        # meaning (a session without an owner refusing ring set-up, status
-        # DRIVER_OK/reset acting on the rings).
+        # SET_OWNER is recorded (not enforced yet). SET_STATUS is echoed by
+        # GET_STATUS; status 0 (and RESET_DEVICE) reset the device.
         self.owner = False
         self.status = 0
         self.errors = 0
@@ -66,12 +64,12 @@ class Session:
         finally:
             self.conn.close()
 
-    def _reset_device(self) -> None:
-        """Every ring idle and memory unmapped, then the vring fds closed: only once
-        no worker watches them. A stuck worker may still use them: the device holds
-        them until it comes back (WorkerStuck goes on, the port fails)."""
+    def _reset_device(self, keep_memory: bool = False) -> None:
+        """Every ring idle and memory unmapped (unless keep_memory), then the vring fds
+        closed: only once no worker watches them. A stuck worker may still use them:
+        the device holds them until it comes back (WorkerStuck goes on, the port fails)."""
         try:
-            self.device.reset()
+            self.device.reset(keep_memory)
         except WorkerStuck:
             self.device.hold([f for v in self.vrings for f in v.take_fds()])
             raise
@@ -173,7 +171,29 @@ class Session:
     def set_status(self, status: int) -> None:
         if status > 0xFF:
             raise RequestError(f"device status {status:#x} does not fit in 8 bits")
+        if status == 0 and self.status != 0:
+            # virtio 1.2 §2.1: writing 0 to the status resets the device.
+            self._device_reset("SET_STATUS 0")
         self.status = status
+
+    def reset_device(self) -> None:
+        """RESET_DEVICE (protocol feature RESET_DEVICE)."""
+        if not self.protocol_acked(ProtocolFeature.RESET_DEVICE):
+            raise RequestError("RESET_DEVICE without the RESET_DEVICE protocol feature")
+        self._device_reset("RESET_DEVICE")
+
+    def _device_reset(self, why: str) -> None:
+        """The spec's device reset: every ring stopped and forgotten (fds closed,
+        addresses and bases dropped) and the virtio features cleared. Kept, as the
+        spec says the back-end retains ownership across a reset: the owner, the
+        negotiated protocol features and the memory table (the frontend's memory
+        does not change with the device's state; it sends a new table if it does)."""
+        self._reset_device(keep_memory=True)
+        self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
+        self.features = 0
+        self.status = 0
+        self._resync_pending.clear()
+        self.log.info("device reset (%s)", why)
 
     def get_status(self) -> bytes:
         return pack_u64(self.status)

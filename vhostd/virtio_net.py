@@ -72,7 +72,8 @@ def offered_features(queue_pairs: int, mtu: bool = False, uso: bool = False) -> 
 
 
 OFFERED_PROTOCOL_FEATURES = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.STATUS)
-                             | bit(ProtocolFeature.NET_MTU) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS))
+                             | bit(ProtocolFeature.NET_MTU) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                             | bit(ProtocolFeature.RESET_DEVICE))
 
 
 # Guest receive offloads -> what the TAP may hand us (TUNSETOFFLOAD). All need GUEST_CSUM.

@@ -117,7 +117,7 @@ class FakeDevice:
         self.log.append(("stop", vring.index))
         return 0x1234
 
-    def reset(self):
+    def reset(self, keep_memory=False):
         self.log.append(("reset",))
         if self.stuck:
             raise WorkerStuck("queue pair 0: the worker did not stop when asked (stuck)")
@@ -373,6 +373,29 @@ def test_reset_owner_forgets_the_frontend(session):
     session.reset_owner()
     assert session.features == 0 and kick.fd == -1
     assert not any(v.started or v.enabled or v.kick for v in session.vrings)
+
+
+@pytest.mark.parametrize("how", ["status", "reset_device"])
+def test_device_reset_stops_rings_clears_features_keeps_owner_and_memory(session, how):
+    session.set_owner()
+    session.set_protocol_features(bit(ProtocolFeature.RESET_DEVICE))
+    session.set_features(bit(F_VERSION_1))
+    session.set_status(0xF)
+    kick = eventfd()
+    session.set_vring_kick(0, kick)
+    if how == "status":
+        session.set_status(0)
+    else:
+        session.reset_device()
+    assert session.features == 0 and session.status == 0 and kick.fd == -1
+    assert not any(v.started or v.enabled or v.kick for v in session.vrings)
+    assert session.owner and session.protocol_features == bit(ProtocolFeature.RESET_DEVICE)
+    assert session.device.log[-1] == ("reset",)
+
+
+def test_reset_device_needs_its_protocol_feature(session):
+    with pytest.raises(RequestError, match="RESET_DEVICE"):
+        session.reset_device()
 
 
 def test_close_with_a_stuck_worker_leaves_the_fds_to_the_device(session):

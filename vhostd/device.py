@@ -302,16 +302,18 @@ class NetDevice:
             check(lib.vr_qp_set_started(qp.ptr, vring.which, 0), f"vring {vring.index}")
         return base[0]
 
-    def reset(self) -> None:
+    def reset(self, keep_memory: bool = False) -> None:
         """Forgets a frontend: every ring idle in C (its fds no longer watched, so the
-        caller may close them), memory unmapped, every TAP queue attached. The TAP
-        stays. Raises WorkerStuck: then the caller hands the vring fds to hold()."""
+        caller may close them), memory unmapped unless `keep_memory` (a device reset
+        within one connection), every TAP queue attached. The TAP stays. Raises
+        WorkerStuck: then the caller hands the vring fds to hold()."""
         with self.all_paused():
             for qp in self.qps:
                 for which in (RX, TX):
                     qp.reset_vq(which)
                 check(lib.vr_qp_set_log(qp.ptr, 0, 0), "dirty log")
-            self.mem.clear()
+            if not keep_memory:
+                self.mem.clear()
             old_log, self.log = self.log, None
         if old_log is not None:
             old_log.release()

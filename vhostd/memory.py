@@ -128,13 +128,45 @@ class GuestMemory:
             raise RequestError("memory table has overlapping or wrapping regions")
 
     def install(self, mapped: list[MappedRegion]) -> list[MappedRegion]:
-        """Swaps in a prepared table; returns the old regions for `release`.
+        """Swaps in a prepared table; returns the regions it dropped, for `release`.
 
-        The caller has paused every queue pair reading this table.
+        A region present in both tables (the same MappedRegion object, as `with_added`
+        and `without` keep them) stays mapped. The caller has paused every queue
+        pair reading this table.
         """
-        old, self.regions = self.regions, mapped
+        kept = {id(m) for m in mapped}
+        dropped = [m for m in self.regions if id(m) not in kept]
+        self.regions = mapped
         _fill(self.table, self.regions)
-        return old
+        return dropped
+
+    def with_added(self, region: MemRegion, fd: OwnedFd) -> list[MappedRegion]:
+        """ADD_MEM_REG: the live regions plus `region`, mapped alone (the live table is
+        untouched). An overlapping or duplicate region, or one past the limit, is
+        refused before anything is mapped; the caller closes the fd then."""
+        if len(self.regions) >= lib.VR_MAX_REGIONS:
+            raise RequestError(f"memory region gpa {region.gpa:#x}: already {len(self.regions)} regions "
+                               f"(max {lib.VR_MAX_REGIONS})")
+        _check_disjoint([m.region for m in self.regions] + [region])
+        new = _map(region, fd)
+        table = self.regions + [new]
+        try:
+            self._check_table(table)
+        except BaseException:
+            _unmap(new)
+            raise
+        return table
+
+    def without(self, region: MemRegion) -> list[MappedRegion]:
+        """REM_MEM_REG: the live regions less the one with region's gpa and size (and
+        frontend address: QEMU sends the region as it added it). mmap_offset is not
+        compared: the spec identifies a region by its addresses."""
+        for i, m in enumerate(self.regions):
+            r = m.region
+            if (r.gpa, r.size, r.uva) == (region.gpa, region.size, region.uva):
+                return self.regions[:i] + self.regions[i + 1:]
+        raise RequestError(f"no memory region gpa {region.gpa:#x} size {region.size:#x} "
+                           f"uva {region.uva:#x} to remove")
 
     @staticmethod
     def release(old: list[MappedRegion]) -> None:

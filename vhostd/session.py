@@ -51,10 +51,8 @@ class Session:
         self.vrings = [Vring(i) for i in range(2 * device.queue_pairs)]
         self.features = 0
         self.protocol_features = 0
-        # SET_OWNER and SET_STATUS are recorded (and the status echoed by
-        # GET_STATUS) but drive nothing yet: the device lifecycle will give them
-        # meaning (a session without an owner refusing ring set-up, status
-        # DRIVER_OK/reset acting on the rings).
+        # SET_OWNER is recorded (not enforced yet). SET_STATUS is echoed by
+        # GET_STATUS; status 0 (and RESET_DEVICE) reset the device.
         self.owner = False
         self.status = 0
         self.errors = 0
@@ -77,12 +75,12 @@ class Session:
             self.log_fd.close()
             self.log_fd = None
 
-    def _reset_device(self) -> None:
-        """Every ring idle and memory unmapped, then the vring fds closed: only once
-        no worker watches them. A stuck worker may still use them: the device holds
-        them until it comes back (WorkerStuck goes on, the port fails)."""
+    def _reset_device(self, keep_memory: bool = False) -> None:
+        """Every ring idle and memory unmapped (unless keep_memory), then the vring fds
+        closed: only once no worker watches them. A stuck worker may still use them:
+        the device holds them until it comes back (WorkerStuck goes on, the port fails)."""
         try:
-            self.device.reset()
+            self.device.reset(keep_memory)
         except WorkerStuck:
             self.device.hold([f for v in self.vrings for f in v.take_fds()])
             raise
@@ -213,7 +211,29 @@ class Session:
     def set_status(self, status: int) -> None:
         if status > 0xFF:
             raise RequestError(f"device status {status:#x} does not fit in 8 bits")
+        if status == 0 and self.status != 0:
+            # virtio 1.2 §2.1: writing 0 to the status resets the device.
+            self._device_reset("SET_STATUS 0")
         self.status = status
+
+    def reset_device(self) -> None:
+        """RESET_DEVICE (protocol feature RESET_DEVICE)."""
+        if not self.protocol_acked(ProtocolFeature.RESET_DEVICE):
+            raise RequestError("RESET_DEVICE without the RESET_DEVICE protocol feature")
+        self._device_reset("RESET_DEVICE")
+
+    def _device_reset(self, why: str) -> None:
+        """The spec's device reset: every ring stopped and forgotten (fds closed,
+        addresses and bases dropped) and the virtio features cleared. Kept, as the
+        spec says the back-end retains ownership across a reset: the owner, the
+        negotiated protocol features and the memory table (the frontend's memory
+        does not change with the device's state; it sends a new table if it does)."""
+        self._reset_device(keep_memory=True)
+        self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
+        self.features = 0
+        self.status = 0
+        self._resync_pending.clear()
+        self.log.info("device reset (%s)", why)
 
     def get_status(self) -> bytes:
         return pack_u64(self.status)
@@ -279,6 +299,36 @@ class Session:
         except OSError as exc:
             raise RequestError(f"cannot write the RARP frame to the TAP: {exc.strerror}") from None
         self.log.info("announced %s (RARP)", mac.hex(":"))
+
+    def get_max_mem_slots(self) -> bytes:
+        """GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS): the datapath's region table size."""
+        return pack_u64(lib.VR_MAX_REGIONS)
+
+    def add_mem_reg(self, region: MemRegion, fds: list[OwnedFd]) -> None:
+        """ADD_MEM_REG: maps only the new region; the workers pause for the table swap."""
+        if len(fds) != 1:
+            raise RequestError(f"memory region gpa {region.gpa:#x}: no fd attached")
+        try:
+            table = self.device.mem.with_added(region, fds[0])
+        finally:
+            fds[0].close()  # a no-op when with_added took it; closes a refused one
+        self._swap_memory(table, f"memory region added: gpa {region.gpa:#x} size {region.size:#x}")
+
+    def rem_mem_reg(self, region: MemRegion, fds: list[OwnedFd]) -> None:
+        """REM_MEM_REG: QEMU attaches the region's fd again; it is not needed and closed.
+        Only the removed region is unmapped, after the swap."""
+        for fd in fds:
+            fd.close()
+        table = self.device.mem.without(region)
+        self._swap_memory(table, f"memory region removed: gpa {region.gpa:#x} size {region.size:#x}")
+
+    def _swap_memory(self, table, what: str) -> None:
+        was = {v.index for v in self.vrings if v.mapped}
+        self._note_mapped(self.device.install_memory(table))
+        self.log.info("%s (%d regions)", what, len(table))
+        for v in self.vrings:
+            if v.configured and v.index in was and not v.mapped:
+                self.log.warning("vring %d: rings are no longer inside guest memory", v.index)
 
     # --- vrings ------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ def offered_features(queue_pairs: int, mtu: bool = False, uso: bool = False) -> 
 # an announce frame (SEND_RARP) after a migration when the guest cannot announce itself.
 OFFERED_PROTOCOL_FEATURES = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.STATUS)
                              | bit(ProtocolFeature.NET_MTU) | bit(ProtocolFeature.LOG_SHMFD)
-                             | bit(ProtocolFeature.RARP))
+                             | bit(ProtocolFeature.RARP) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                             | bit(ProtocolFeature.RESET_DEVICE))
 
 
 # Guest receive offloads -> what the TAP may hand us (TUNSETOFFLOAD). All need GUEST_CSUM.

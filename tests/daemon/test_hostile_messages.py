@@ -272,8 +272,19 @@ case("nine-fds", "at most 8 fds per message", C.SET_MEM_TABLE, msg(C.SET_MEM_TAB
 for req in (C.SET_BACKEND_REQ_FD, C.SET_INFLIGHT_FD):
     case(f"{C.REQUEST_NAMES[req]}-unsupported-with-fd", "unsupported request, fd closed", req,
          msg(req, pack_u64(0)), "nack", "not supported", fds=lambda: [memfd()])
-case("ADD_MEM_REG-unsupported-with-fd", "unsupported request, fd closed", C.ADD_MEM_REG,
-     msg(C.ADD_MEM_REG, pack_u64(0) + pack_region(*R1)), "nack", "not supported", fds=lambda: [memfd()])
+FAR = (1 << 40, MB, UVA + (1 << 40), 0)  # clear of any table the case starts with
+case("ADD_MEM_REG-no-fd", "memory slot needs its fd", C.ADD_MEM_REG,
+     msg(C.ADD_MEM_REG, pack_u64(0) + pack_region(*FAR)), "nack", "no fd attached")
+case("ADD_MEM_REG-beyond-its-file", "memory slot inside its file, fd closed", C.ADD_MEM_REG,
+     msg(C.ADD_MEM_REG, pack_u64(0) + pack_region(FAR[0], 4 * MB, FAR[2], 0)), "nack", "exceeds its file",
+     fds=lambda: [memfd()])
+case("ADD_MEM_REG-not-memory", "memory slot fd is guest memory, fd closed", C.ADD_MEM_REG,
+     msg(C.ADD_MEM_REG, pack_u64(0) + pack_region(*FAR)), "nack", "not a regular file",
+     fds=lambda: [eventfd()])
+case("REM_MEM_REG-unknown", "removal of a region that is not there, fd closed", C.REM_MEM_REG,
+     msg(C.REM_MEM_REG, pack_u64(0) + pack_region(*FAR)), "nack", "no memory region", fds=lambda: [memfd()])
+case("RESET_DEVICE-not-negotiated", "protocol feature needed", C.RESET_DEVICE,
+     msg(C.RESET_DEVICE, b""), "nack", "without the RESET_DEVICE protocol feature")
 
 # --- live migration: the dirty log and the announce (session.py, dirty_log.py) ---
 def _log(size, offset=0):

@@ -38,6 +38,15 @@ def test_dependencies():
     assert vn.check_dependencies(bit(vn.F_GUEST_TSO4)) == "GUEST_TSO4 acked without GUEST_CSUM"
     assert vn.check_dependencies(bit(vn.F_HOST_USO)) == "HOST_USO acked without CSUM"
     assert "GUEST_ECN" in vn.check_dependencies(bit(vn.F_GUEST_CSUM) | bit(vn.F_GUEST_ECN))
+
+
+def test_inconsistent_guest_offloads_give_the_tap_only_what_the_guest_takes():
+    # GUEST_TSO4 without GUEST_CSUM: no GSO nor partial checksums towards the guest.
+    assert vn.tap_offloads(bit(vn.F_GUEST_TSO4) | bit(vn.F_GUEST_ECN)) == 0
+    # GUEST_ECN without GUEST_TSO4/6: checksum offload only.
+    assert vn.tap_offloads(bit(vn.F_GUEST_CSUM) | bit(vn.F_GUEST_ECN)) == taplib.TUN_F_CSUM
+    assert vn.broken_dependencies(bit(vn.F_GUEST_TSO4) | bit(vn.F_GUEST_ECN) | bit(vn.F_HOST_UFO)) == [
+        "GUEST_TSO4 without GUEST_CSUM", "HOST_UFO without CSUM"]
     assert "HOST_ECN" in vn.check_dependencies(bit(vn.F_CSUM) | bit(vn.F_HOST_ECN))
 
 

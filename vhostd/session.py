@@ -28,7 +28,7 @@ from vhostd.protocol import (
     bit,
     pack_u64,
 )
-from vhostd.virtio_net import F_RING_PACKED, check_dependencies, feature_names
+from vhostd.virtio_net import F_RING_PACKED, broken_dependencies, feature_names
 from vhostd.vring import Vring
 
 # Alignment of the ring parts (virtio 1.1 §2.6 split: desc 16, avail 2, used 4;
@@ -51,6 +51,7 @@ class Session:
         self.vrings = [Vring(i) for i in range(2 * device.queue_pairs)]
         self.features = 0
         self.protocol_features = 0
+        self._ignored_logged = False  # offloads ignored: logged once per connection
         # SET_OWNER is recorded (not enforced yet). SET_STATUS is echoed by
         # GET_STATUS; status 0 (and RESET_DEVICE) reset the device.
         self.owner = False
@@ -141,9 +142,13 @@ class Session:
         extra = features & ~self.device.features
         if extra:
             raise RequestError(f"features {extra:#x} were not offered (offered {self.device.features:#x})")
-        broken = check_dependencies(features)
-        if broken:
-            raise RequestError(f"features {features:#x}: {broken}")
+        # Only never-offered features are refused: a set with broken dependencies is
+        # what a real guest acks under some virtio-net-pci properties; refusing it
+        # would leave its NIC dead. The offloads lacking a prerequisite go unused.
+        broken = broken_dependencies(features)
+        if broken and not self._ignored_logged:
+            self._ignored_logged = True
+            self.log.warning("features %#x: offloads ignored (%s)", features, "; ".join(broken))
         was, self.features = self.features, features
         self._note_mapped(self.device.set_features(features))
         if self._features_acked and not (was ^ features) & ~bit(F_LOG_ALL):

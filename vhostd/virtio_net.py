@@ -110,6 +110,10 @@ def tap_offloads(features: int) -> int:
         # Linux's TUNSETOFFLOAD takes USO4 and USO6 only together (EINVAL otherwise):
         # a guest that acked one of them gets UDP segments the TAP splits itself.
         flags &= ~uso
+    if not flags & (taplib.TUN_F_TSO4 | taplib.TUN_F_TSO6):
+        # GUEST_ECN without GUEST_TSO4/6 (virtio 1.2 §5.1.3.1 forbids it, QEMU lets a
+        # guest ack it): ECN only qualifies TCP segments, so there is nothing to pass.
+        flags &= ~taplib.TUN_F_TSO_ECN
     return flags
 
 
@@ -131,6 +135,26 @@ def check_dependencies(features: int) -> str | None:
     if features & bit(F_HOST_ECN) and not features & (bit(F_HOST_TSO4) | bit(F_HOST_TSO6)):
         return "HOST_ECN acked without HOST_TSO4 or HOST_TSO6"
     return None
+
+
+def broken_dependencies(features: int) -> list[str]:
+    """Every broken feature dependency of an acked set (empty when consistent).
+
+    A real QEMU guest can ack such a set (virtio-net-pci offload properties switched
+    off while a dependent one stays on); it is served, with the offloads that lack
+    their prerequisite left unused: tap_offloads() gives the guest GSO or partial
+    checksums only with GUEST_CSUM, and a driver without CSUM sends no frame that
+    needs the device to finish a checksum (virtio 1.2 §5.1.6.2)."""
+    broken = [
+        f"{FEATURE_NAMES[feature]} without {FEATURE_NAMES[needs]}"
+        for feature, needs in FEATURE_DEPENDS
+        if features & bit(feature) and not features & bit(needs)
+    ]
+    if features & bit(F_GUEST_ECN) and not features & (bit(F_GUEST_TSO4) | bit(F_GUEST_TSO6)):
+        broken.append("GUEST_ECN without GUEST_TSO4 or GUEST_TSO6")
+    if features & bit(F_HOST_ECN) and not features & (bit(F_HOST_TSO4) | bit(F_HOST_TSO6)):
+        broken.append("HOST_ECN without HOST_TSO4 or HOST_TSO6")
+    return broken
 
 
 def vnet_hdr_len(features: int) -> int:

@@ -257,6 +257,7 @@ class Daemon:
                 await server.start()
             self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
             status = f"serving {len(self.ports)} port(s)" + (f", failed: {' '.join(failed)}" if failed else "")
+            log.info("started: %s", status)
             sd_notify(f"READY=1\nSTATUS={status}")
             await self.stopping.wait()
             log.info("stopping")

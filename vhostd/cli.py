@@ -134,6 +134,8 @@ def _setup_logging(verbose: int) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
+    # Every vhost-user request (dispatch.py's "vhostd.requests" logger) only with -vv.
+    logging.getLogger("vhostd.requests").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 def _run(coro) -> None:

@@ -124,6 +124,16 @@ def test_burst_histogram_is_monotonic_across_frontends(daemon, netns):
     assert "started: serving 1 port(s)" in d.log()
 
 
+def test_verbose_twice_logs_every_request_by_name(daemon, netns, tmp_path):
+    quiet = daemon(tap="vtpq0")          # -v: no line per request
+    loud = daemon("-v", tap="vtpv0")     # -vv
+    for d in (quiet, loud):
+        Guest(d.socket).setup().close()
+    time.sleep(0.2)
+    assert "SET_MEM_TABLE" in loud.log() and "port vtpv0: SET_VRING_ADDR flags" in loud.log(), loud.log()
+    assert "SET_MEM_TABLE" not in quiet.log() and "request 5" not in quiet.log()
+
+
 def test_without_event_idx_and_with_indirect(daemon, netns):
     d = daemon()
     g = Guest(d.socket, event_idx=False, indirect=True).setup()

@@ -4,9 +4,11 @@ Served by the daemon's event loop (asyncio streams are fine here: no fds travel)
 Mode 0660 by default: its owner and group may operate the daemon (owner, group
 and mode follow --socket-owner/--socket-group/--socket-mode, mode --control-mode).
 
-Requests ("cmd"): ports | stats [port] | rings [port] | metrics |
+Requests ("cmd"): ports [port] | stats [port] | rings [port] | metrics |
 add-port {port fields} | del-port {name} | reload. Replies: {"ok": true, ...} or
-{"ok": false, "error": "..."}. A new command: a branch in ControlServer.handle, its
+{"ok": false, "error": "..."}; a refused request is also logged (one line).
+`reload` answers ok with "failed": {port: reason} when the file was fine but
+ports could not be set up. A new command: a branch in ControlServer.handle, its
 verb in ctl.py (parser, printer) and this list.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 
+from vhostd import tap as taplib
 from vhostd.config import port_from_dict
 from vhostd.errors import SetupError
 from vhostd.metrics import render
@@ -34,6 +37,18 @@ IDLE_TIMEOUT_S = 10.0     # a connection that sends no complete request for this
 def port_stats(port) -> dict:
     queues = port.device.counters() if port.device else []
     return {"port": port.name, "connected": port.session is not None, "totals": totals(queues), "queues": queues}
+
+
+async def describe_port(port) -> dict:
+    """A `ports` row: the port's own description plus its TAP's link (MAC, MTU, the
+    kernel's counters), read in a thread since netlink blocks."""
+    out = port.describe()
+    try:
+        out["link"] = await asyncio.to_thread(taplib.link_info, port.config.tap, port.config.netns)
+    except (SetupError, OSError) as exc:  # the row stays; the link part says what went wrong
+        out["link"] = None
+        out["link_error"] = str(exc)
+    return out
 
 
 def _select(ports: dict, name) -> list:
@@ -94,6 +109,7 @@ class ControlServer:
                     reply = await self.handle(req)
                 except (ValueError, TypeError) as exc:
                     reply = {"ok": False, "error": f"bad request: {exc}"}
+                    log.warning("control: refused a request: %s", reply["error"])
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
@@ -104,29 +120,44 @@ class ControlServer:
             writer.close()
 
     async def handle(self, req: dict) -> dict:
+        """One request; a refusal is logged here, once, naming the command."""
         cmd = req.get("cmd")
-        ports = self.daemon.ports
         try:
-            if cmd == "ports":
-                return {"ok": True, "ports": [p.describe() for p in ports.values()] + self.daemon.describe_failed()}
-            if cmd == "stats":
-                return {"ok": True, "stats": [port_stats(p) for p in _select(ports, req.get("port"))]}
-            if cmd == "rings":
-                return {"ok": True, "rings": [port_rings(p) for p in _select(ports, req.get("port"))]}
-            if cmd == "metrics":
-                return {"ok": True, "text": render(self.daemon)}
-            if cmd == "add-port":
-                fields = {k: v for k, v in (req.get("port") or {}).items() if v is not None}
-                cfg = port_from_dict(fields, "add-port", self.daemon.config.socket_defaults)
-                self.daemon.check_socket_path(cfg.socket)
-                port = await self.daemon.add_port(cfg)
-                log.info("port %s added at run time", port.name)
-                return {"ok": True, "port": port.describe()}
-            if cmd == "del-port":
-                await self.daemon.remove_port(str(req.get("name")))
-                return {"ok": True}
-            if cmd == "reload":
-                return {"ok": True, "summary": await self.daemon.reload()}
+            return await self._handle(cmd, req)
         except SetupError as exc:
+            if cmd == "reload":
+                log.error("reload (vhostctl) failed, ports unchanged: %s", exc)
+            else:
+                log.warning("control: %s refused: %s", cmd, exc)
             return {"ok": False, "error": str(exc)}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    async def _handle(self, cmd, req: dict) -> dict:
+        ports = self.daemon.ports
+        if cmd == "ports":
+            name = req.get("port")
+            rows = [await describe_port(p) for p in ports.values() if name is None or p.name == name]
+            rows += [f for f in self.daemon.describe_failed() if name is None or f["name"] == name]
+            if name is not None and not rows:
+                raise SetupError(f"no port named {name!r} (ports: {', '.join(ports) or 'none'})")
+            return {"ok": True, "ports": rows}
+        if cmd == "stats":
+            return {"ok": True, "stats": [port_stats(p) for p in _select(ports, req.get("port"))]}
+        if cmd == "rings":
+            return {"ok": True, "rings": [port_rings(p) for p in _select(ports, req.get("port"))]}
+        if cmd == "metrics":
+            return {"ok": True, "text": render(self.daemon)}
+        if cmd == "add-port":
+            fields = {k: v for k, v in (req.get("port") or {}).items() if v is not None}
+            cfg = port_from_dict(fields, "add-port", self.daemon.config.socket_defaults)
+            self.daemon.check_socket_path(cfg.socket)
+            port = await self.daemon.add_port(cfg)
+            log.info("port %s added at run time", port.name)
+            return {"ok": True, "port": port.describe()}
+        if cmd == "del-port":
+            await self.daemon.remove_port(str(req.get("name")))
+            return {"ok": True}
+        if cmd == "reload":
+            summary = await self.daemon.reload()
+            failed = {name: why for name, (_cfg, why) in self.daemon.failed.items()}
+            return {"ok": True, "summary": summary, "failed": failed}
+        raise SetupError(f"unknown command {cmd!r}")

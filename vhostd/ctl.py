@@ -509,3 +509,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vhostctl: {totals.get('frames', '?')} frame(s) captured, {totals.get('dropped', '?')} dropped"
               + (f" ({totals['end']})" if totals.get("end") else ""), file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

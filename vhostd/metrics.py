@@ -62,6 +62,18 @@ def render(daemon) -> str:
         lines.append(f"# TYPE {metric} {kind}")
         for p in ports:
             lines.append(f'{metric}{{port="{_esc(p.name)}"}} {fn(p)}')
+    # Per port, serving or failed: a port whose set-up failed (namespace not there
+    # yet, TAP busy) has no counters but must still show, with up 0 and failed 1.
+    failed = getattr(daemon, "failed", {})
+    lines.append("# HELP vhostd_port_up 1 if the port is set up and serving (listening or connecting).")
+    lines.append("# TYPE vhostd_port_up gauge")
+    lines += [f'vhostd_port_up{{port="{_esc(p.name)}"}} 1' for p in ports]
+    lines += [f'vhostd_port_up{{port="{_esc(name)}"}} 0' for name in failed]
+    lines.append("# HELP vhostd_port_failed 1 if the port failed (set-up, or a worker that did not stop); "
+                 "`vhostctl ports` gives the reason.")
+    lines.append("# TYPE vhostd_port_failed gauge")
+    lines += [f'vhostd_port_failed{{port="{_esc(p.name)}"}} 0' for p in ports]
+    lines += [f'vhostd_port_failed{{port="{_esc(name)}"}} 1' for name in failed]
     lines.append("# HELP vhostd_ports Ports configured.")
     lines.append("# TYPE vhostd_ports gauge")
     lines.append(f"vhostd_ports {len(ports)}")

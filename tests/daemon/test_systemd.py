@@ -239,8 +239,10 @@ def test_units_keep_the_settings_the_integration_relies_on():
             assert s.get(key) == want, f"{unit}: {key}={s.get(key)}, expected {want}"
         assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"], unit
         assert "CAP_NET_ADMIN" in s["CapabilityBoundingSet"][0].split(), unit
-    assert svc["ExecStart"] == ["/usr/local/bin/vhostd --config /etc/vhostd/vhostd.toml --control-mode 0600"]
-    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert svc["ExecStart"] == ["/usr/local/bin/vhostd --config /etc/vhostd/vhostd.toml "
+                                "--control /run/vhostd/control.sock --control-mode 0600"]
+    # synchronous: fails when the file is broken or a port cannot be set up
+    assert svc["ExecReload"] == ["/usr/local/bin/vhostctl --control /run/vhostd/control.sock reload"]
     assert set(svc["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}  # netns ports
     assert tpl["ExecStart"][0].startswith(
         "/usr/local/bin/vhostd --socket /run/vhostd/%i.sock --tap %i --control /run/vhostd/%i.ctl --control-mode 0600")
@@ -254,8 +256,12 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     wrapper = tmp_path / "vhostd"
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m vhostd \"$@\"\n")
     wrapper.chmod(0o755)
+    ctl = tmp_path / "vhostctl"  # ExecReload's
+    ctl.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m vhostd.ctl \"$@\"\n")
+    ctl.chmod(0o755)
     for name in ("vhostd.service", "vhostd@.service"):
-        text = (UNITS / name).read_text().replace("/usr/local/bin/vhostd", str(wrapper))
+        text = (UNITS / name).read_text().replace("/usr/local/bin/vhostctl", str(ctl))
+        text = text.replace("/usr/local/bin/vhostd", str(wrapper))
         (tmp_path / name).write_text(text)
     r = subprocess.run([tool, "verify", str(tmp_path / "vhostd.service"), str(tmp_path / "vhostd@vm1.service")],
                        capture_output=True, text=True, timeout=60)

@@ -5,11 +5,13 @@ Mode 0660 by default: its owner and group may operate the daemon (owner, group
 and mode follow --socket-owner/--socket-group/--socket-mode, mode --control-mode).
 
 Requests ("cmd"): ports [port] | stats [port] | rings [port] | metrics |
-add-port {port fields} | del-port {name} | reload. Replies: {"ok": true, ...} or
-{"ok": false, "error": "..."}; a refused request is also logged (one line).
-`reload` answers ok with "failed": {port: reason} when the file was fine but
-ports could not be set up. A new command: a branch in ControlServer.handle, its
-verb in ctl.py (parser, printer) and this list.
+add-port {port fields} | del-port {name} | reload | capture {port, queue,
+direction, count, snaplen}. Replies: {"ok": true, ...} or {"ok": false, "error":
+"..."}; a refused request is also logged (one line). `reload` answers ok with
+"failed": {port: reason} when the file was fine but ports could not be set up.
+`capture` turns the connection into a pcap stream (wire format in capture.py)
+until the count is reached or the client closes it. A new command: a branch in
+ControlServer.handle, its verb in ctl.py (parser, printer) and this list.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import logging
 import os
 
 from vhostd import tap as taplib
+from vhostd.capture import BACKLOG_LIMIT, DRAIN_INTERVAL_S, MAX_SNAPLEN, Capture, pcap_header
 from vhostd.config import port_from_dict
-from vhostd.errors import SetupError
+from vhostd.errors import SetupError, VhostError
 from vhostd.metrics import render
 from vhostd.ringstate import port_rings
 from vhostd.stats import totals
@@ -51,6 +54,11 @@ async def describe_port(port) -> dict:
     return out
 
 
+def _block(data: bytes) -> bytes:
+    """One block of the capture stream: u32 length (little-endian) + bytes."""
+    return len(data).to_bytes(4, "little") + data
+
+
 def _select(ports: dict, name) -> list:
     """One named port, or all of them when no name is given."""
     if name is None:
@@ -70,6 +78,7 @@ class ControlServer:
         self.gid = gid
         self.server: asyncio.AbstractServer | None = None
         self.active = 0
+        self.capturing: set = set()   # QueuePair objects with a capture attached (one each)
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -106,6 +115,9 @@ class ControlServer:
                     req = json.loads(line)
                     if not isinstance(req, dict):
                         raise ValueError("request must be a JSON object")
+                    if req.get("cmd") == "capture":
+                        await self.capture(req, reader, writer)
+                        return  # the stream ends the connection
                     reply = await self.handle(req)
                 except (ValueError, TypeError) as exc:
                     reply = {"ok": False, "error": f"bad request: {exc}"}
@@ -161,3 +173,84 @@ class ControlServer:
             failed = {name: why for name, (_cfg, why) in self.daemon.failed.items()}
             return {"ok": True, "summary": summary, "failed": failed}
         raise SetupError(f"unknown command {cmd!r}")
+
+    # --- capture ----------------------------------------------------------------------
+
+    def _start_capture(self, req: dict) -> tuple:
+        """Checks a capture request and attaches its rings. Raises SetupError."""
+        name, queue = req.get("port"), req.get("queue")
+        direction = req.get("direction") or "both"
+        count, snaplen = req.get("count") or 0, req.get("snaplen") or MAX_SNAPLEN
+        if not isinstance(name, str):
+            raise SetupError("capture: a port name is required")
+        for key, value in (("queue", queue), ("count", count), ("snaplen", snaplen)):
+            if value is not None and type(value) is not int:
+                raise SetupError(f"capture: {key} must be a number")
+        if not isinstance(direction, str):
+            raise SetupError("capture: direction must be rx, tx or both")
+        port = _select(self.daemon.ports, name)[0]
+        if port.device is None:
+            raise SetupError(f"port {name} has no device")
+        qps = port.device.qps if queue is None else port.device.qps[queue:queue + 1] if 0 <= queue else []
+        busy = [qp.index for qp in qps if qp in self.capturing]
+        if busy:
+            raise SetupError(f"port {name} queue pair {busy[0]} is already being captured "
+                             "(one capture per queue pair at a time)")
+        cap = Capture.start(name, port.device.qps, queue, direction, snaplen, count)
+        self.capturing.update(cap.queues)
+        return port, cap
+
+    async def capture(self, req: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Streams one capture to this connection (format: capture.py). Ends when
+        `count` frames went out, the client closes the connection, or the port
+        closes; the rings are detached and freed in every case. A client that
+        reads slower than the frames come leaves the rings undrained (its unsent
+        backlog above BACKLOG_LIMIT): the datapath then drops capture records,
+        counted, and never waits for us."""
+        try:
+            port, cap = self._start_capture(req)
+        except VhostError as exc:  # SetupError; or a worker that would not pause (WorkerStuck)
+            log.warning("control: capture refused: %s", exc)
+            writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
+            return
+        qps = ",".join(str(qp.index) for qp in cap.queues)
+        port.log.info("capture started (queue pair %s, %s)", qps, req.get("direction", "both"))
+        end = "stopped by the client"
+        eof = asyncio.ensure_future(reader.read(1))  # anything or EOF from the client ends it
+        try:
+            writer.write(json.dumps({"ok": True, "capture": {"port": port.name, "queues": [q.index for q in cap.queues],
+                                                              "snaplen": cap.snaplen}}).encode() + b"\n")
+            writer.write(_block(pcap_header(cap.snaplen)))
+            while not cap.done:
+                if self.daemon.ports.get(port.name) is not port or port.device is None:
+                    end = "port closed"
+                    break
+                more = False
+                if writer.transport.get_write_buffer_size() < BACKLOG_LIMIT:
+                    data, more = cap.drain()
+                    if data:
+                        writer.write(_block(data))
+                # `more`: a ring had more than one wake-up's share; come back at
+                # once, but only after the loop has run everything else that is ready.
+                await asyncio.wait({eof}, timeout=0 if more else DRAIN_INTERVAL_S)
+                if eof.done() or writer.is_closing():
+                    break
+            else:
+                end = "count reached"
+        finally:
+            eof.cancel()
+            await asyncio.gather(eof, return_exceptions=True)
+            dropped = cap.dropped
+            cap.stop()
+            self.capturing.difference_update(cap.queues)
+            port.log.info("capture stopped: %s; %d frame(s), %d dropped (reader too slow or ring full)",
+                          end, cap.frames, dropped)
+        # The end marker and the totals, also to a client that only half-closed
+        # (vhostctl on Ctrl-C); one that is gone does not care.
+        try:
+            writer.write(_block(b"") + json.dumps({"frames": cap.frames, "dropped": dropped,
+                                                    "end": end}).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass

@@ -4,8 +4,6 @@ listed by `vhostctl ports` (state failed, the reason) and in the metrics, and
 every refusal is in the daemon's log."""
 from __future__ import annotations
 
-import json
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon.test_operations import config_daemon, port_toml, tap_exists  # noqa: F401 (fixture)

@@ -2,7 +2,7 @@
 # Installs vhostd as a systemd service on Debian 12 (as root):
 #   /opt/vhostd                     virtualenv with vhostd built and installed (pip install <this repo>)
 #   /usr/local/bin/vhostd, vhostctl symlinks into the virtualenv
-#   /etc/systemd/system/vhostd.service, vhostd@.service
+#   /etc/systemd/system/vhostd.service, vhostd@.service, vhostd.socket, vhostd@.socket
 #   /etc/vhostd/vhostd.toml         from systemd/vhostd.toml.example, only if absent
 #   user vhostd (group kvm)         the units' User=/Group=
 # then `systemctl daemon-reload` if systemd is running. It enables and starts nothing.
@@ -88,7 +88,7 @@ done
 
 # --- units and config -----------------------------------------------------------------
 install -d -m 0755 "$DESTDIR/etc/systemd/system"
-for unit in vhostd.service vhostd@.service; do
+for unit in vhostd.service vhostd@.service vhostd.socket vhostd@.socket; do
     dst=$DESTDIR/etc/systemd/system/$unit
     if ! cmp -s "$SRC/systemd/$unit" "$dst"; then
         install -m 0644 "$SRC/systemd/$unit" "$dst"

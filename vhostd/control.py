@@ -70,8 +70,11 @@ def _select(ports: dict, name) -> list:
 
 class ControlServer:
     def __init__(self, daemon, path: str, mode: int = CONTROL_MODE, uid: int | None = None,
-                 gid: int | None = None):
+                 gid: int | None = None, listener=None):
+        """`listener`: the control socket systemd passed (socket activation), served
+        instead of binding `path`; its path is systemd's, not unlinked at stop."""
         self.daemon = daemon
+        self.listener = listener
         self.path = path
         self.mode = mode
         self.uid = uid
@@ -81,6 +84,9 @@ class ControlServer:
         self.capturing: set = set()   # QueuePair objects with a capture attached (one each)
 
     async def start(self) -> None:
+        if self.listener is not None:
+            self.server = await asyncio.start_unix_server(self._client, sock=self.listener, limit=MAX_REQUEST)
+            return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         sock = bind_unix(self.path, self.uid, self.gid, self.mode, what="control socket")
         try:
@@ -94,6 +100,8 @@ class ControlServer:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+            if self.listener is not None:
+                return  # systemd's socket: it stays, for the next start
             try:
                 os.unlink(self.path)
             except FileNotFoundError:

@@ -35,12 +35,15 @@ class PortLog(logging.LoggerAdapter):
 
 
 class Port:
-    def __init__(self, config: PortConfig):
+    def __init__(self, config: PortConfig, listener: socket.socket | None = None):
+        """`listener`: a listening socket to serve instead of binding config.socket
+        (socket activation); the port closes it, its path is not ours to unlink."""
         self.config = config
         self.log = PortLog(log, {"port": config.name})
         self.device: NetDevice | None = None
         self.session: Session | None = None
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = listener
+        self.activated = listener is not None
         self.task: asyncio.Task | None = None
         self.connections = 0
         self.opened_at = time.time()
@@ -76,7 +79,7 @@ class Port:
             for qp in self.device.qps:
                 loop.add_reader(qp.event_fd, self._on_datapath_event)
                 watched.append(qp.event_fd)
-            if c.fd is None and not c.client:
+            if self.listener is None and not c.client:
                 self.listener = unixsock.bind_unix(c.socket, c.socket_uid, c.socket_gid, c.socket_mode)
                 self._owns_socket_path = True
         except BaseException:
@@ -90,8 +93,9 @@ class Port:
         where = f" in netns {c.netns}" if c.netns else ""
         state = "created, persistent" if tap.created else "existing, attached"
         self.log.info(
-            "TAP %s%s (%s), %d queue pair(s), %s %s", c.tap, where, state, c.queues,
-            "connecting to" if c.client else "listening on", c.socket,
+            "TAP %s%s (%s), %d queue pair(s), %s %s%s", c.tap, where, state, c.queues,
+            "connecting to" if c.client else "listening on", c.socket or f"fd {c.fd}",
+            " (socket from systemd)" if self.activated else "",
         )
         self.log.info("%s", io_mode_line(self.device.qps))
 

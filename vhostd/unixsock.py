@@ -1,5 +1,6 @@
 """Unix stream sockets the daemon listens on: bind with owner/group/mode, stale
-socket files, inherited listeners (--fd), peer credentials.
+socket files, inherited listeners (--fd, systemd socket activation), peer
+credentials.
 
 Used by the vhost-user ports and by the control socket alike.
 """
@@ -10,6 +11,7 @@ import os
 import socket
 import stat
 import struct
+from dataclasses import dataclass
 
 from vhostd.errors import SetupError
 
@@ -30,6 +32,53 @@ def inherited_listener(fd: int) -> socket.socket:
         raise SetupError(f"--fd {fd} is not a listening socket")
     sock.setblocking(False)
     return sock
+
+
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first passed fd
+
+
+@dataclass
+class Activated:
+    """One socket systemd passed (socket activation): its FileDescriptorName= and
+    the path it is bound to."""
+
+    name: str
+    path: str
+    sock: socket.socket
+    used: bool = False  # taken by a port or the control socket
+
+
+def systemd_listeners(environ=os.environ) -> list[Activated]:
+    """The listening sockets systemd passed, as sd_listen_fds(3) defines it:
+    $LISTEN_FDS fds from fd 3 on, meant for this process only if $LISTEN_PID is
+    our pid, named by the colon-separated $LISTEN_FDNAMES. The variables are
+    removed so a child process does not take the fds for its own. Each must be a
+    listening Unix stream socket (the units use ListenStream= with a path).
+    Raises SetupError."""
+    pid, count, names = (environ.get(k) for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+    for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(k, None)
+    if not count or pid != str(os.getpid()):
+        return []
+    if not count.isdigit() or not 0 < int(count) <= 4096:
+        raise SetupError(f"LISTEN_FDS={count!r} is not a number of sockets")
+    n = int(count)
+    labels = names.split(":") if names else []
+    out = []
+    for i in range(n):
+        fd = SD_LISTEN_FDS_START + i
+        label = labels[i] if i < len(labels) else "unknown"
+        try:
+            os.set_inheritable(fd, False)  # systemd passes them without O_CLOEXEC
+            sock = inherited_listener(fd)
+        except (OSError, SetupError) as exc:
+            raise SetupError(f"socket activation: fd {fd} ({label}): "
+                             f"{str(exc).removeprefix(f'--fd {fd}: ').removeprefix(f'--fd {fd} ')}") from None
+        path = sock.getsockname()
+        if isinstance(path, bytes) or not path:  # abstract or unnamed: matched by name only
+            path = ""
+        out.append(Activated(label, os.path.abspath(path) if path else "", sock))
+    return out
 
 
 # sock_diag (linux/sock_diag.h, linux/unix_diag.h): the kernel's list of Unix

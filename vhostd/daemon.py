@@ -65,6 +65,7 @@ class Daemon:
         self.from_file: set[str] = set()  # names of ports the config file manages
         self.failed: dict[str, tuple[PortConfig, str]] = {}  # failed ports (set-up, stuck worker): why
         self.stuck_workers = 0  # ports failed because a worker did not park
+        self.last_reload_ok: bool | None = None  # None: no reload yet (metrics)
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
@@ -177,6 +178,7 @@ class Daemon:
             raise SetupError("no config file to reload (start with --config)")
         async with self._reload_lock:
             sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            self.last_reload_ok = False  # until it got through
             try:
                 new = load_config(self.config_path)
                 wanted = {p.name: p for p in new.ports}
@@ -204,6 +206,7 @@ class Daemon:
                 if failed:
                     summary += f", failed: {' '.join(failed)}"
                 log.info("%s", summary)
+                self.last_reload_ok = not failed
                 return summary
             finally:
                 sd_notify(f"READY=1\nSTATUS=serving {len(self.ports)} port(s)")

@@ -44,6 +44,7 @@ def test_reload_reports_a_port_that_cannot_be_set_up(config_daemon, netns, tmp_p
     assert m[("vhostd_port_failed", (("port", "vfb1"),))] == 0
     assert m[("vhostd_port_up", (("port", "vfb2"),))] == 0
     assert m[("vhostd_port_failed", (("port", "vfb2"),))] == 1
+    assert m[("vhostd_config_last_reload_successful", ())] == 0
     # a broken file: exit 1, ports unchanged, and the daemon says so in its log
     good = d.config.read_text()
     d.config.write_text("[[port]]\nsocket = 3\n")
@@ -54,6 +55,7 @@ def test_reload_reports_a_port_that_cannot_be_set_up(config_daemon, netns, tmp_p
     r = d.ctl("reload")
     assert r.returncode == 0, r.stderr
     assert {p["name"]: p["state"] for p in d.ctl_json("ports")} == {"vfb1": "waiting", "vfb2": "waiting"}
+    assert samples(d.ctl("metrics").stdout)[("vhostd_config_last_reload_successful", ())] == 1
 
 
 def test_ports_shows_the_taps_link_and_takes_a_filter(config_daemon, netns):

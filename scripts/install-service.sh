@@ -4,6 +4,7 @@
 #   /usr/local/bin/vhostd, vhostctl symlinks into the virtualenv
 #   /etc/systemd/system/vhostd.service, vhostd@.service, vhostd.socket, vhostd@.socket
 #   /etc/vhostd/vhostd.toml         from systemd/vhostd.toml.example, only if absent
+#   /etc/qemu/vhost-user/50-vhostd.json  QEMU's vhost-user backend descriptor (type net)
 #   user vhostd (group kvm)         the units' User=/Group=
 # then `systemctl daemon-reload` if systemd is running. It enables and starts nothing.
 # Idempotent: a second run changes nothing unless the sources or units changed.
@@ -95,6 +96,14 @@ for unit in vhostd.service vhostd@.service vhostd.socket vhostd@.socket; do
         say "installed $dst"
     fi
 done
+# QEMU's vhost-user backend descriptor (docs/interop/vhost-user.json), in the
+# directory for the system administrator's descriptors (vhostd is not QEMU's package).
+install -d -m 0755 "$DESTDIR/etc/qemu/vhost-user"
+dst=$DESTDIR/etc/qemu/vhost-user/50-vhostd.json
+if ! cmp -s "$SRC/data/vhost-user/50-vhostd.json" "$dst"; then
+    install -m 0644 "$SRC/data/vhost-user/50-vhostd.json" "$dst"
+    say "installed $dst"
+fi
 install -d -m 0755 "$DESTDIR/etc/vhostd"
 conf=$DESTDIR/etc/vhostd/vhostd.toml
 if [ ! -e "$conf" ]; then

@@ -775,6 +775,10 @@ def test_install_service_into_destdir(tmp_path):
     for name in ("vhostd.service", "vhostd@.service", "vhostd.socket", "vhostd@.socket"):
         assert (dest / "etc/systemd/system" / name).read_bytes() == (UNITS / name).read_bytes()
     assert (dest / "etc/vhostd/vhostd.toml").read_bytes() == EXAMPLE.read_bytes()
+    # QEMU's vhost-user backend descriptor: a net backend, the installed binary
+    desc = json.loads((dest / "etc/qemu/vhost-user/50-vhostd.json").read_text())
+    assert desc["type"] == "net" and desc["binary"] == "/usr/local/bin/vhostd" and desc["description"]
+    assert set(desc) <= {"description", "type", "binary", "features"}
     assert os.readlink(dest / "usr/local/bin/vhostd") == "../../../opt/vhostd/bin/vhostd"
     assert {p for p in ("build", "vhostd.egg-info") if (ROOT / p).exists()} == before, "built inside the repo"
 

@@ -775,6 +775,10 @@ def test_install_service_into_destdir(tmp_path):
     for name in ("vhostd.service", "vhostd@.service", "vhostd.socket", "vhostd@.socket"):
         assert (dest / "etc/systemd/system" / name).read_bytes() == (UNITS / name).read_bytes()
     assert (dest / "etc/vhostd/vhostd.toml").read_bytes() == EXAMPLE.read_bytes()
+    for rel in ("usr/local/share/man/man8/vhostd.8", "usr/local/share/man/man1/vhostctl.1",
+                "usr/local/share/bash-completion/completions/vhostd",
+                "usr/local/share/bash-completion/completions/vhostctl"):
+        assert (dest / rel).stat().st_size > 0, f"{rel} missing"
     # QEMU's vhost-user backend descriptor: a net backend, the installed binary
     desc = json.loads((dest / "etc/qemu/vhost-user/50-vhostd.json").read_text())
     assert desc["type"] == "net" and desc["binary"] == "/usr/local/bin/vhostd" and desc["description"]

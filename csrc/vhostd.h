@@ -116,6 +116,7 @@ struct vr_vq_stats {
     uint64_t calls;             /* call eventfd writes */
     uint64_t calls_suppressed;  /* calls skipped because the guest asked us not to */
     uint64_t batch_hist[8];     /* chains per burst: 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128+ */
+    uint64_t batch_sum;         /* chains over all bursts counted in batch_hist (the histogram's sum) */
     uint32_t broken;            /* VR_BROKEN_*; nonzero: ring no longer serviced */
     uint32_t broken_detail;     /* descriptor index or similar, for the log line */
 };

@@ -474,6 +474,7 @@ static inline void vr_hist_add(struct vr_vq_stats *s, unsigned n)
     while (b < 7 && (n >> (b + 1)))
         b++;
     s->batch_hist[b]++;
+    s->batch_sum += n;
 }
 
 /* vring_split.c / vring_packed.c */

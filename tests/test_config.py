@@ -3,11 +3,17 @@
 take, instead of a raw errno from the kernel later."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from vhostd.cli import daemon_config, vhostd_parser
 from vhostd.config import PortConfig, check_port, listen_url, parse_listen
 from vhostd.errors import SetupError
+
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("tap, ok", [("vm1", True), ("a" * 15, True), ("a" * 16, False), ("eth0:1", False),
@@ -76,3 +82,44 @@ def test_command_line_mac_and_name_checked_before_anything_is_created():
         argv = ["--socket", "/tmp/vhd-never.sock", "--tap", "t0", "--control", "", *args]
         with pytest.raises(SetupError, match=message):
             daemon_config(vhostd_parser().parse_args(argv))
+
+
+def check_config_cli(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vhostd", "--check-config", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+
+
+def test_check_config_accepts_a_good_file(tmp_path):
+    cfg = tmp_path / "good.toml"
+    cfg.write_text("[[port]]\nsocket = '/run/vhostd/a.sock'\ntap = 'a'\n"
+                   "[[port]]\nsocket = '/run/vhostd/b.sock'\ntap = 'b'\nmtu = 9000\n")
+    r = check_config_cli(cfg)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_check_config_names_every_bad_port_and_opens_nothing(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("metrics_listen = '127.0.0.1:70000'\n"
+                   "[[port]]\nsocket = '/run/vhostd/a.sock'\ntap = 'a'\nmtu = 65535\n"
+                   "[[port]]\nsocket = '/run/vhostd/b.sock'\ntap = 'b'\n"
+                   "[[port]]\nsocket = '/run/vhostd/c.sock'\ntap = 'c'\nmac = '01:00:5e:00:00:01'\n"
+                   "[[port]]\nsocket = '/run/vhostd/b.sock'\ntap = 'd'\n")
+    r = check_config_cli(cfg)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 4, r.stderr
+    assert all(line.startswith("vhostd: ") for line in lines)
+    assert "port a: mtu 65535 out of range" in lines[0]
+    assert "port c: mac" in lines[1] and "multicast" in lines[1]
+    assert "port d: socket '/run/vhostd/b.sock' is already used by port b" in lines[2]
+    assert "port 70000 out of range" in lines[3]
+    assert not os.path.exists("/run/vhostd/b.sock")
+
+
+@pytest.mark.parametrize("body, message", [(None, "not found"), ("port = [\n", "config file")])
+def test_check_config_unreadable_file_is_one_line(tmp_path, body, message):
+    cfg = tmp_path / "x.toml"
+    if body is not None:
+        cfg.write_text(body)
+    r = check_config_cli(cfg)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr

@@ -30,10 +30,12 @@ CAP_RECORD = struct.Struct("=IIIBBHQ")      # struct vr_cap_rec
 
 RING_BYTES = 4 << 20             # per queue pair
 DRAIN_INTERVAL_S = 0.02
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 20             # the read buffer
+DRAIN_BUDGET = 1 << 20           # record bytes per drain() over all rings, then back to the event loop
 BACKLOG_LIMIT = 4 << 20          # bytes queued to a slow client before the rings are left to fill
 DIRECTIONS = {"rx": lib.VR_CAP_RX, "tx": lib.VR_CAP_TX, "both": lib.VR_CAP_RX | lib.VR_CAP_TX}
 MAX_SNAPLEN = 65535 + 18
+MAX_RECORD = (CAP_RECORD.size + MAX_SNAPLEN + 7) & ~7   # the largest record in a ring (8-byte aligned)
 
 
 def pcap_header(snaplen: int) -> bytes:
@@ -51,6 +53,7 @@ class Capture:
     rings: list = field(default_factory=list)
     frames: int = 0         # pcap records produced
     buf: object = None
+    _next: int = 0          # the ring drain() reads first
 
     @classmethod
     def start(cls, port: str, qps: list, queue: int | None, direction: str, snaplen: int, count: int) -> "Capture":
@@ -79,28 +82,41 @@ class Capture:
             raise
         return cap
 
-    def drain(self) -> bytes:
-        """The pcap records waiting in the rings, in time order across queue pairs
-        (at most `count` in all)."""
+    def drain(self) -> tuple[bytes, bool]:
+        """The pcap records waiting in the rings, in time order (at most `count`
+        in all), and whether the rings may hold more.
+
+        Bounded: at most about DRAIN_BUDGET bytes of records per call, over all
+        rings. At full packet rate the workers refill their rings as fast as we
+        empty them, so "read until empty" would never return and would starve
+        the event loop (every other port's control traffic, the watchdog); the
+        caller comes back for the rest after the loop has had its turn. The ring
+        read first rotates, so one busy queue pair cannot starve the others."""
         recs = []
-        for ring in self.rings:
-            while True:
-                n = lib.vr_capture_read(ring, self.buf, READ_CHUNK)
+        used = 0
+        n_rings = len(self.rings)
+        for k in range(n_rings):
+            ring = self.rings[(self._next + k) % n_rings]
+            while used < DRAIN_BUDGET:
+                # never less than one record of the largest size: a read too small
+                # for the next record returns nothing and would stall the ring
+                n = lib.vr_capture_read(ring, self.buf, min(READ_CHUNK, max(DRAIN_BUDGET - used, MAX_RECORD)))
                 if n <= 0:
                     break
+                used += n
                 raw = ffi.buffer(self.buf, n)[:]
                 pos = 0
                 while pos < n:
                     ln, caplen, origlen, _dir, _q, _pad, ts = CAP_RECORD.unpack_from(raw, pos)
-                    data = raw[pos + CAP_RECORD.size:pos + CAP_RECORD.size + caplen]
-                    recs.append((ts, caplen, origlen, data))
+                    recs.append((ts, caplen, origlen, raw[pos + CAP_RECORD.size:pos + CAP_RECORD.size + caplen]))
                     pos += ln
+        self._next = (self._next + 1) % max(n_rings, 1)
         recs.sort(key=lambda r: r[0])
         if self.count:
             recs = recs[:max(0, self.count - self.frames)]
         self.frames += len(recs)
         return b"".join(PCAP_RECORD.pack(ts // 10**9, ts % 10**9, caplen, origlen) + data
-                        for ts, caplen, origlen, data in recs)
+                        for ts, caplen, origlen, data in recs), used >= DRAIN_BUDGET
 
     @property
     def done(self) -> bool:

@@ -26,6 +26,7 @@ from vhostd.config import (
     MAX_TAP_MTU,
     MIN_MTU,
     TX_COPY_LIMIT,
+    check_config,
     load_config,
     parse_group,
     parse_cpus,
@@ -101,6 +102,9 @@ def vhostd_parser() -> argparse.ArgumentParser:
                    help="permissions of the control socket (default: --socket-mode; 0600 keeps it to its owner)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT",
                    help="serve Prometheus metrics over HTTP at ADDR:PORT (e.g. 127.0.0.1:9712)")
+    p.add_argument("--check-config", metavar="FILE",
+                   help="check a config file and exit: 0 if vhostd would start with it, else one line per "
+                   "error on stderr and exit 1 (no port is opened)")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the backend's capabilities as JSON (vhost-user backend conventions) and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: every request)")
@@ -130,6 +134,8 @@ def _setup_logging(verbose: int) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
+    # Every vhost-user request (dispatch.py's "vhostd.requests" logger) only with -vv.
+    logging.getLogger("vhostd.requests").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 def _run(coro) -> None:
@@ -226,6 +232,11 @@ def vhostd_main(argv: list[str] | None = None) -> int:
     if args.print_capabilities:
         print(json.dumps(capabilities()))
         return 0
+    if args.check_config is not None:
+        errors = check_config(args.check_config)
+        for line in errors:
+            print(f"vhostd: {line}", file=sys.stderr)
+        return 1 if errors else 0
     _setup_logging(args.verbose)
     try:
         cfg, path = daemon_config(args)

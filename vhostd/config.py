@@ -252,7 +252,10 @@ def port_from_dict(d: dict, where: str, defaults: dict | None = None) -> PortCon
     return check_port(PortConfig(**fields), where)
 
 
-def load_config(path: str) -> DaemonConfig:
+def load_config(path: str, errors: list[str] | None = None) -> DaemonConfig:
+    """The daemon configuration in a TOML file. Raises SetupError at the first error;
+    with `errors` (vhostd --check-config) a port's error is appended there and the
+    other ports are still checked (an error in the file's structure still raises)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -280,16 +283,38 @@ def load_config(path: str) -> DaemonConfig:
         if not isinstance(d, dict):
             raise SetupError(f"config file {path}: use [[port]] tables for ports")
         where = f"config file {path}: port {d.get('name') or d.get('tap') or i}"
-        p = port_from_dict(d, where, cfg.socket_defaults)
-        for kind, value in (("name", p.name), ("socket", p.socket), ("tap", f"{p.netns}/{p.tap}")):
-            key = f"{kind}:{value}"
-            if key in seen:
-                raise SetupError(f"{where}: {kind} {value!r} is already used by port {seen[key]}")
-            seen[key] = p.name
+        try:
+            p = port_from_dict(d, where, cfg.socket_defaults)
+            for kind, value in (("name", p.name), ("socket", p.socket), ("tap", f"{p.netns}/{p.tap}")):
+                key = f"{kind}:{value}"
+                if key in seen:
+                    raise SetupError(f"{where}: {kind} {value!r} is already used by port {seen[key]}")
+            for kind, value in (("name", p.name), ("socket", p.socket), ("tap", f"{p.netns}/{p.tap}")):
+                seen[f"{kind}:{value}"] = p.name
+        except SetupError as exc:
+            if errors is None:
+                raise
+            errors.append(str(exc))
+            continue
         cfg.ports.append(p)
     if cfg.metrics_listen is not None:
-        parse_listen(cfg.metrics_listen)
+        try:
+            parse_listen(cfg.metrics_listen)
+        except SetupError as exc:
+            if errors is None:
+                raise
+            errors.append(f"config file {path}: {exc}")
     return cfg
+
+
+def check_config(path: str) -> list[str]:
+    """Every error `vhostd --config path` would stop at, one line each ([] if none)."""
+    errors: list[str] = []
+    try:
+        load_config(path, errors)
+    except SetupError as exc:
+        errors.append(str(exc))
+    return errors
 
 
 def apply_control_access(cfg: DaemonConfig) -> None:

@@ -24,6 +24,7 @@ from vhostd.errors import SetupError, WorkerStuck
 from vhostd.metrics import MetricsServer
 from vhostd.device import reap_stuck
 from vhostd.port import Port
+from vhostd.unixsock import Activated, systemd_listeners
 
 log = logging.getLogger("vhostd")
 
@@ -64,9 +65,13 @@ class Daemon:
         self.from_file: set[str] = set()  # names of ports the config file manages
         self.failed: dict[str, tuple[PortConfig, str]] = {}  # failed ports (set-up, stuck worker): why
         self.stuck_workers = 0  # ports failed because a worker did not park
+        self.last_reload_ok: bool | None = None  # None: no reload yet (metrics)
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._reload_lock = asyncio.Lock()
+        # Sockets systemd passed (socket activation), kept open for the daemon's
+        # life: a port gets a dup, so a port reopened by a reload finds it again.
+        self.activated: list[Activated] = []
 
     # --- ports ------------------------------------------------------------------------
 
@@ -105,7 +110,7 @@ class Daemon:
                 raise SetupError(f"socket {cfg.socket} is already used by port {other.name}")
             if (other.config.tap, other.config.netns) == (cfg.tap, cfg.netns):
                 raise SetupError(f"TAP {cfg.tap} is already used by port {other.name}")
-        port = Port(cfg)
+        port = Port(cfg, self._activated_listener(cfg))
         try:
             await port.open()
         except BaseException:
@@ -117,6 +122,18 @@ class Daemon:
             self.from_file.add(cfg.name)
         port.task = asyncio.create_task(self._serve(port), name=f"port-{cfg.name}")
         return port
+
+    def _activated_listener(self, cfg: PortConfig):
+        """A dup of the socket systemd passed for this port: the one named like the
+        port (FileDescriptorName=) or bound to its socket path. None if none is."""
+        if cfg.client or cfg.fd is not None:
+            return None
+        path = os.path.abspath(cfg.socket) if cfg.socket else ""
+        for a in self.activated:
+            if a.name == cfg.name or (path and a.path == path):
+                a.used = True
+                return a.sock.dup()
+        return None
 
     async def _serve(self, port: Port) -> None:
         try:
@@ -161,6 +178,7 @@ class Daemon:
             raise SetupError("no config file to reload (start with --config)")
         async with self._reload_lock:
             sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            self.last_reload_ok = False  # until it got through
             try:
                 new = load_config(self.config_path)
                 wanted = {p.name: p for p in new.ports}
@@ -188,6 +206,7 @@ class Daemon:
                 if failed:
                     summary += f", failed: {' '.join(failed)}"
                 log.info("%s", summary)
+                self.last_reload_ok = not failed
                 return summary
             finally:
                 sd_notify(f"READY=1\nSTATUS=serving {len(self.ports)} port(s)")
@@ -236,6 +255,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         servers = []
         try:
+            self.activated = systemd_listeners()
             failed = []
             for cfg in self.config.ports:
                 try:
@@ -249,14 +269,25 @@ class Daemon:
                     self.failed[cfg.name] = (cfg, str(exc))
                     failed.append(cfg.name)
             if self.config.control:
+                path = os.path.abspath(self.config.control)
+                control = None
+                for a in self.activated:
+                    if a.name == "control" or a.path == path:
+                        a.used, control = True, a.sock.dup()
+                        break
                 servers.append(ControlServer(self, self.config.control, self.config.control_mode,
-                                             self.config.control_uid, self.config.control_gid))
+                                             self.config.control_uid, self.config.control_gid, listener=control))
+            for a in self.activated:
+                if not a.used:
+                    log.warning("systemd passed socket %s (%s) that no port uses: kept for a port added later",
+                                a.path or "(unnamed)", a.name)
             if self.config.metrics_listen:
                 servers.append(MetricsServer(self, self.config.metrics_listen))
             for server in servers:
                 await server.start()
             self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
             status = f"serving {len(self.ports)} port(s)" + (f", failed: {' '.join(failed)}" if failed else "")
+            log.info("started: %s", status)
             sd_notify(f"READY=1\nSTATUS={status}")
             await self.stopping.wait()
             log.info("stopping")
@@ -268,3 +299,5 @@ class Daemon:
                 await self.remove_port(name)
             for server in servers:
                 await server.stop()
+            for a in self.activated:
+                a.sock.close()

@@ -51,7 +51,9 @@ class QueuePair:
             raise SetupError(f"queue pair {index}: cannot start worker: {os.strerror(ffi.errno)}")
         self.ptr = ptr
         self.event_fd = lib.vr_qp_event_fd(ptr)
-        self._carried = {RX: dict.fromkeys(VQ_COUNTERS, 0), TX: dict.fromkeys(VQ_COUNTERS, 0)}
+        # Totals of earlier frontends: counters and the burst histogram alike stay
+        # monotonic for the life of the port (Prometheus counters never go down).
+        self._carried = {w: {**dict.fromkeys(VQ_COUNTERS, 0), "batch_hist": {}, "batch_sum": 0} for w in (RX, TX)}
         self.reported_broken = {RX: 0, TX: 0}
 
     @contextmanager
@@ -88,11 +90,14 @@ class QueuePair:
     def counters(self, which: int) -> dict:
         live = vq_counters(lib.vr_qp_stats(self.ptr, which))
         carried = self._carried[which]
-        return {k: (v + carried[k] if k in carried else v) for k, v in live.items()}
+        out = {k: (v + carried[k] if k in VQ_COUNTERS or k == "batch_sum" else v) for k, v in live.items()}
+        out["batch_hist"] = {b: n + carried["batch_hist"].get(b, 0) for b, n in live["batch_hist"].items()}
+        return out
 
     def reset_vq(self, which: int) -> None:
         """Clears ring state for a new frontend; counters carry over. Caller holds `paused()`."""
-        self._carried[which] = {k: v for k, v in self.counters(which).items() if k in VQ_COUNTERS}
+        self._carried[which] = {k: v for k, v in self.counters(which).items()
+                                if k in VQ_COUNTERS or k in ("batch_hist", "batch_sum")}
         check(lib.vr_qp_reset_vq(self.ptr, which), f"reset queue pair {self.index}")
         self.reported_broken[which] = 0
 

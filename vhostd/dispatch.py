@@ -48,6 +48,12 @@ from vhostd.protocol import (
 from vhostd.session import Session
 
 log = logging.getLogger(__name__)
+# One debug line per request, by name; cli.py enables it with -vv only.
+request_log = logging.getLogger("vhostd.requests")
+
+
+def _port_of(session) -> str:
+    return getattr(session.log, "extra", {}).get("port", "?")
 
 
 class Reply(enum.Enum):
@@ -218,8 +224,9 @@ async def serve(session: Session) -> None:
                 session.log.info("frontend disconnected")
                 return
             header, payload, fds = msg
-            session.log.debug("request %d flags %#x size %d fds %d", header.request, header.flags, header.size,
-                              len(fds))
+            if request_log.isEnabledFor(logging.DEBUG):
+                request_log.debug("port %s: %s flags %#x size %d fds %d", _port_of(session), header.name,
+                                  header.flags, header.size, len(fds))
             reply = await dispatch(session, header, payload, fds)
             if reply is not None:
                 await session.conn.send(reply)

@@ -1,91 +1,168 @@
-"""Prometheus text exposition (format 0.0.4) of the daemon's counters, and a tiny
-HTTP endpoint serving it (`--metrics-listen ADDR:PORT`, loopback by default).
+"""The daemon's metrics in Prometheus text format (prometheus_client's exposition,
+from a collector that reads the daemon at each scrape), and a small HTTP endpoint
+serving it (`--metrics-listen ADDR:PORT`, loopback by default).
 
-Names follow Prometheus conventions: `vhostd_<dir>_<counter>_total{port,queue}`
-for the per-queue datapath counters, gauges for per-port state.
+Names (docs: README "Metrics"):
+- per queue, labels port, queue, direction (rx: to the guest, tx: from it):
+  vhostd_packets_total, vhostd_bytes_total, vhostd_kicks_total,
+  vhostd_calls_total, vhostd_calls_suppressed_total,
+  vhostd_dropped_packets_total (also reason: ring_full, tap_busy, ...), and the
+  histogram vhostd_burst_size (descriptor chains per burst);
+- per port, label port: vhostd_port_info (tap, netns, mtu, mac, mode, value 1),
+  vhostd_port_up, vhostd_port_failed, vhostd_port_connected,
+  vhostd_port_connections_total, vhostd_port_queue_pairs(_enabled),
+  vhostd_port_memory_bytes, vhostd_port_request_errors_total,
+  vhostd_port_dirty_logging, vhostd_port_dirty_log_pages_total,
+  vhostd_port_dirty_log_beyond_total (live migration);
+- daemon: vhostd_build_info{version}, vhostd_ports, vhostd_ports_failed,
+  vhostd_stuck_workers_total, vhostd_config_last_reload_successful and the
+  standard process_* metrics.
+Every counter and the histogram carry over across frontend connections
+(device.QueuePair): they never go down while the port exists.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from vhostd import __version__
 from vhostd.config import listen_url, parse_listen
 from vhostd.errors import SetupError
-from vhostd.stats import BATCH_BUCKETS, HELP, VQ_COUNTERS
+from vhostd.stats import BATCH_BUCKETS, DROP_COUNTERS, HELP
 
 log = logging.getLogger("vhostd.metrics")
 
-def _esc(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+QUEUE_COUNTERS = ("packets", "bytes", "kicks", "calls", "calls_suppressed")  # vhostd_<name>_total
+DIRECTION_HELP = "direction rx: to the guest (TAP to guest), tx: from the guest (guest to TAP)"
+
+
+def _le(bucket: str) -> str:
+    """Upper bound of a BATCH_BUCKETS label ("4-7" -> "7", "128+" -> "+Inf")."""
+    return "+Inf" if bucket.endswith("+") else bucket.split("-")[-1]
 
 
 def dirty_log(port) -> dict:
     """Live migration's dirty logging: on while the frontend has LOG_ALL negotiated;
     pages marked (and marks beyond the log's end) for the life of the port."""
     counters = port.device.log_counters() if port.device else {"pages_marked": 0, "marks_beyond_log": 0}
-    logging_on = bool(port.session and port.session.dirty_logging)
-    return {"logging": logging_on, **counters}
+    return {"logging": bool(port.session and port.session.dirty_logging), **counters}
+
+
+class DaemonCollector:
+    """Reads the daemon's ports at each scrape (no state of its own)."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def collect(self):
+        d = self.daemon
+        ports = list(d.ports.values())
+        failed = getattr(d, "failed", {})
+        rows = [(p, q) for p in ports if p.device for q in p.device.counters()]
+        labels = ["port", "queue", "direction"]
+
+        for name in QUEUE_COUNTERS:
+            fam = CounterMetricFamily(f"vhostd_{name}", f"{HELP[name]}; {DIRECTION_HELP}", labels=labels)
+            for p, q in rows:
+                fam.add_metric([p.name, str(q["queue_pair"]), q["dir"]], q[name])
+            yield fam
+        reasons = ", ".join(f"{c.removeprefix('drop_')}: {HELP[c].split(': ', 1)[-1]}" for c in DROP_COUNTERS)
+        fam = CounterMetricFamily("vhostd_dropped_packets", f"Frames or chains dropped, by reason ({reasons}); "
+                                  f"{DIRECTION_HELP}", labels=[*labels, "reason"])
+        for p, q in rows:
+            for c in DROP_COUNTERS:
+                fam.add_metric([p.name, str(q["queue_pair"]), q["dir"], c.removeprefix("drop_")], q[c])
+        yield fam
+        fam = HistogramMetricFamily("vhostd_burst_size", f"Descriptor chains handled per burst; {DIRECTION_HELP}",
+                                    labels=labels)
+        for p, q in rows:
+            cumulative, buckets = 0, []
+            for b in BATCH_BUCKETS:
+                cumulative += q["batch_hist"][b]
+                buckets.append((_le(b), cumulative))
+            if buckets[-1][0] != "+Inf":
+                buckets.append(("+Inf", cumulative))
+            fam.add_metric([p.name, str(q["queue_pair"]), q["dir"]], buckets, q["batch_sum"])
+        yield fam
+
+        info = GaugeMetricFamily("vhostd_port_info", "A port's settings (value 1)",
+                                 labels=["port", "tap", "netns", "mtu", "mac", "mode", "socket"])
+        for p in ports:
+            c = p.config
+            mtu = p.device.mtu if p.device else (c.mtu or "")
+            info.add_metric([p.name, c.tap, c.netns or "", str(mtu), c.mac or "", "client" if c.client else "server",
+                             c.socket or f"fd {c.fd}"], 1)
+        for name, (c, _why) in failed.items():
+            info.add_metric([name, c.tap, c.netns or "", str(c.mtu or ""), c.mac or "",
+                             "client" if c.client else "server", c.socket or f"fd {c.fd}"], 1)
+        yield info
+        up = GaugeMetricFamily("vhostd_port_up", "1 if the port is set up and serving (listening or connecting)",
+                               labels=["port"])
+        down = GaugeMetricFamily("vhostd_port_failed", "1 if the port failed (set-up, or a worker that did not "
+                                 "stop); `vhostctl ports` gives the reason", labels=["port"])
+        for p in ports:
+            up.add_metric([p.name], 1)
+            down.add_metric([p.name], 0)
+        for name in failed:
+            up.add_metric([name], 0)
+            down.add_metric([name], 1)
+        yield up
+        yield down
+        per_port = [
+            ("vhostd_port_connected", "1 if a frontend is connected", lambda p: int(p.session is not None)),
+            ("vhostd_port_connections", "Frontend connections accepted", lambda p: p.connections),
+            ("vhostd_port_queue_pairs", "Queue pairs configured", lambda p: p.config.queues),
+            ("vhostd_port_queue_pairs_enabled", "Queue pairs the frontend enabled",
+             lambda p: p.session.describe()["queue_pairs_enabled"] if p.session else 0),
+            ("vhostd_port_memory_bytes", "Guest memory mapped", lambda p: p.device.mem.total_size if p.device else 0),
+            ("vhostd_port_request_errors", "Frontend requests refused",
+             lambda p: p.session.errors if p.session else 0),
+            ("vhostd_port_dirty_logging", "1 while the frontend has dirty logging on (live migration)",
+             lambda p: int(dirty_log(p)["logging"])),
+            ("vhostd_port_dirty_log_pages", "Guest pages marked in the dirty log (live migration)",
+             lambda p: dirty_log(p)["pages_marked"]),
+            ("vhostd_port_dirty_log_beyond", "Dirty log marks beyond the log's end (the frontend's log too small)",
+             lambda p: dirty_log(p)["marks_beyond_log"]),
+        ]
+        counters = ("vhostd_port_connections", "vhostd_port_request_errors", "vhostd_port_dirty_log_pages",
+                    "vhostd_port_dirty_log_beyond")
+        for metric, help_, fn in per_port:
+            kind = CounterMetricFamily if metric in counters else GaugeMetricFamily
+            fam = kind(metric, help_, labels=["port"])
+            for p in ports:
+                fam.add_metric([p.name], fn(p))
+            yield fam
+
+        yield GaugeMetricFamily("vhostd_ports", "Ports serving", value=len(ports))
+        yield GaugeMetricFamily("vhostd_ports_failed", "Ports that failed (set-up, or a worker that did not stop)",
+                                value=len(failed))
+        yield CounterMetricFamily("vhostd_stuck_workers", "Ports failed because a queue pair's worker did not stop",
+                                  value=getattr(d, "stuck_workers", 0))
+        ok = getattr(d, "last_reload_ok", None)
+        if ok is not None:
+            yield GaugeMetricFamily("vhostd_config_last_reload_successful",
+                                    "1 if the last config reload succeeded (every port set up), 0 if not",
+                                    value=int(ok))
+        build = GaugeMetricFamily("vhostd_build_info", "vhostd's version (value 1)", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+
+
+def registry(daemon) -> CollectorRegistry:
+    """The daemon's collector and the standard process metrics."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(DaemonCollector(daemon))
+    ProcessCollector(registry=reg)
+    return reg
 
 
 def render(daemon) -> str:
-    lines: list[str] = []
-    ports = list(daemon.ports.values())
-    rows = [(p, q) for p in ports if p.device for q in p.device.counters()]
-    for direction in ("rx", "tx"):
-        for name in VQ_COUNTERS:
-            metric = f"vhostd_{direction}_{name}_total"
-            lines.append(f"# HELP {metric} {HELP[name]} ({direction.upper()}).")
-            lines.append(f"# TYPE {metric} counter")
-            for p, q in rows:
-                if q["dir"] == direction:
-                    lines.append(f'{metric}{{port="{_esc(p.name)}",queue="{q["queue_pair"]}"}} {q[name]}')
-        metric = f"vhostd_{direction}_burst_size"
-        lines.append(f"# HELP {metric} Descriptor chains handled per burst ({direction.upper()}).")
-        lines.append(f"# TYPE {metric} histogram")
-        for p, q in rows:
-            if q["dir"] != direction:
-                continue
-            cumulative = 0
-            labels = f'port="{_esc(p.name)}",queue="{q["queue_pair"]}"'
-            for bucket in BATCH_BUCKETS:
-                cumulative += q["batch_hist"][bucket]
-                upper = "+Inf" if bucket.endswith("+") else bucket.split("-")[-1]
-                lines.append(f'{metric}_bucket{{{labels},le="{upper}"}} {cumulative}')
-            if not BATCH_BUCKETS[-1].endswith("+"):
-                lines.append(f'{metric}_bucket{{{labels},le="+Inf"}} {cumulative}')
-            lines.append(f"{metric}_count{{{labels}}} {cumulative}")
-    gauges = [
-        ("vhostd_port_connected", "1 if a frontend is connected", lambda p: int(p.session is not None)),
-        ("vhostd_port_connections_total", "Frontend connections accepted", lambda p: p.connections),
-        ("vhostd_port_queue_pairs", "Queue pairs configured", lambda p: p.config.queues),
-        ("vhostd_port_queue_pairs_enabled", "Queue pairs the frontend enabled",
-         lambda p: p.session.describe()["queue_pairs_enabled"] if p.session else 0),
-        ("vhostd_port_memory_bytes", "Guest memory mapped", lambda p: p.device.mem.total_size if p.device else 0),
-        ("vhostd_port_request_errors_total", "Frontend requests refused",
-         lambda p: p.session.errors if p.session else 0),
-        ("vhostd_port_dirty_logging", "1 while the frontend has dirty logging on (live migration)",
-         lambda p: int(dirty_log(p)["logging"])),
-        ("vhostd_port_dirty_log_pages_total", "Guest pages marked in the dirty log (live migration)",
-         lambda p: dirty_log(p)["pages_marked"]),
-        ("vhostd_port_dirty_log_beyond_total", "Dirty log marks beyond the log's end (frontend's log too small)",
-         lambda p: dirty_log(p)["marks_beyond_log"]),
-    ]
-    for metric, help_, fn in gauges:
-        kind = "counter" if metric.endswith("_total") else "gauge"
-        lines.append(f"# HELP {metric} {help_}.")
-        lines.append(f"# TYPE {metric} {kind}")
-        for p in ports:
-            lines.append(f'{metric}{{port="{_esc(p.name)}"}} {fn(p)}')
-    lines.append("# HELP vhostd_ports Ports configured.")
-    lines.append("# TYPE vhostd_ports gauge")
-    lines.append(f"vhostd_ports {len(ports)}")
-    lines.append("# HELP vhostd_ports_failed Ports that failed (set-up, or a worker that did not stop).")
-    lines.append("# TYPE vhostd_ports_failed gauge")
-    lines.append(f"vhostd_ports_failed {len(getattr(daemon, 'failed', {}))}")
-    lines.append("# HELP vhostd_stuck_workers_total Ports failed because a queue pair's worker did not stop.")
-    lines.append("# TYPE vhostd_stuck_workers_total counter")
-    lines.append(f"vhostd_stuck_workers_total {getattr(daemon, 'stuck_workers', 0)}")
-    return "\n".join(lines) + "\n"
+    """Prometheus text format 0.0.4 (a registry per scrape: it holds no state)."""
+    return generate_latest(registry(daemon)).decode()
 
 
 MAX_CLIENTS = 16          # connections served at once; more are closed at once
@@ -139,7 +216,7 @@ class MetricsServer:
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
                 body, status = render(self.daemon).encode(), "200 OK"
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
+                ctype = CONTENT_TYPE
             else:
                 body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"
             writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"

@@ -35,12 +35,15 @@ class PortLog(logging.LoggerAdapter):
 
 
 class Port:
-    def __init__(self, config: PortConfig):
+    def __init__(self, config: PortConfig, listener: socket.socket | None = None):
+        """`listener`: a listening socket to serve instead of binding config.socket
+        (socket activation); the port closes it, its path is not ours to unlink."""
         self.config = config
         self.log = PortLog(log, {"port": config.name})
         self.device: NetDevice | None = None
         self.session: Session | None = None
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = listener
+        self.activated = listener is not None
         self.task: asyncio.Task | None = None
         self.connections = 0
         self.opened_at = time.time()
@@ -66,23 +69,33 @@ class Port:
         except BaseException:
             tap.close(remove=tap.created)  # a TAP this failed attempt created goes again
             raise
+        # From here on a failure undoes everything this attempt did, the TAP
+        # included when this attempt created it: otherwise the next try would
+        # find it and say "existing, attached" for a TAP nobody asked for.
+        loop = asyncio.get_running_loop()
+        watched = []
         try:
             self.device.configure_workers(c.busy_poll_us, c.cpu_affinity, c.tx_copy_max)
+            for qp in self.device.qps:
+                loop.add_reader(qp.event_fd, self._on_datapath_event)
+                watched.append(qp.event_fd)
+            if self.listener is None and not c.client:
+                self.listener = unixsock.bind_unix(c.socket, c.socket_uid, c.socket_gid, c.socket_mode)
+                self._owns_socket_path = True
         except BaseException:
+            for fd in watched:
+                loop.remove_reader(fd)
+            if tap.created:
+                tap.unpersist()  # the device goes with its last fd, closed by device.close()
             self.device.close()
             self.device = None
             raise
-        loop = asyncio.get_running_loop()
-        for qp in self.device.qps:
-            loop.add_reader(qp.event_fd, self._on_datapath_event)
-        if c.fd is None and not c.client:
-            self.listener = unixsock.bind_unix(c.socket, c.socket_uid, c.socket_gid, c.socket_mode)
-            self._owns_socket_path = True
         where = f" in netns {c.netns}" if c.netns else ""
         state = "created, persistent" if tap.created else "existing, attached"
         self.log.info(
-            "TAP %s%s (%s), %d queue pair(s), %s %s", c.tap, where, state, c.queues,
-            "connecting to" if c.client else "listening on", c.socket,
+            "TAP %s%s (%s), %d queue pair(s), %s %s%s", c.tap, where, state, c.queues,
+            "connecting to" if c.client else "listening on", c.socket or f"fd {c.fd}",
+            " (socket from systemd)" if self.activated else "",
         )
         self.log.info("%s", io_mode_line(self.device.qps))
 

@@ -46,6 +46,7 @@ def vq_counters(st) -> dict:
     """A dict of one struct vr_vq_stats (read racily; u64 loads are atomic on our targets)."""
     out = {name: int(getattr(st, name)) for name in VQ_COUNTERS}
     out["batch_hist"] = {b: int(st.batch_hist[i]) for i, b in enumerate(BATCH_BUCKETS)}
+    out["batch_sum"] = int(st.batch_sum)
     out["broken"] = int(st.broken)
     return out
 

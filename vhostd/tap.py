@@ -246,6 +246,31 @@ def configure_link(tap: Tap, mtu: int | None = None, mac: str | None = None) -> 
         raise SetupError(f"configuring TAP {tap.name}: {os.strerror(exc.code)}") from None
 
 
+LINK_COUNTERS = ("rx_packets", "rx_bytes", "rx_errors", "rx_dropped",
+                 "tx_packets", "tx_bytes", "tx_errors", "tx_dropped")
+
+
+def link_info(name: str, netns: str | None) -> dict:
+    """The TAP's link as the kernel sees it (`vhostctl ports`): MAC, MTU, up, and its
+    own counters (IFLA_STATS64; the kernel's rx is what the TAP received from
+    vhostd, i.e. the guest's TX). Blocking netlink: call it from a thread, which it
+    moves into `netns` and back. Raises SetupError."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with _InNetns(netns), IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=name)
+            if not idx:
+                raise SetupError(f"TAP {name} not found")
+            link = ipr.get_links(idx[0])[0]
+    except NetlinkError as exc:
+        raise SetupError(f"TAP {name}: {os.strerror(exc.code)}") from None
+    stats = link.get_attr("IFLA_STATS64") or {}
+    return {"mac": link.get_attr("IFLA_ADDRESS"), "mtu": link.get_attr("IFLA_MTU"),
+            "up": bool(link["flags"] & 1), **{k: int(stats.get(k, 0)) for k in LINK_COUNTERS}}
+
+
 def set_vnet_hdr_len(fd: OwnedFd, length: int) -> None:
     fcntl.ioctl(fd.fd, TUNSETVNETHDRSZ, struct.pack("i", length))
 

@@ -144,17 +144,20 @@ def _unprivileged_python(tmp: Path) -> tuple[list[str], dict]:
     """An interpreter uid NOBODY can run with vhostd importable. The test venv's may sit
     under /root (unreachable): then Debian's /usr/bin/python3 with its _cffi_backend
     (python3-cffi-backend; the compiled extension needs only that at run time), the
-    worktree on PYTHONPATH and a world-readable copy of the venv's pure-Python pyroute2."""
-    probe = "import vhostd.native, vhostd.port, pyroute2"
+    worktree on PYTHONPATH and world-readable copies of the venv's pure-Python pyroute2
+    and prometheus_client."""
+    probe = "import vhostd.native, vhostd.daemon, pyroute2, prometheus_client"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", VHOSTD_EVENT_LOOP="asyncio")
     drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     for python in (sys.executable, "/usr/bin/python3"):
         if python != sys.executable:
+            import prometheus_client
             import pyroute2
 
             lib = tmp / "pylib"
             if not lib.exists():
-                shutil.copytree(Path(pyroute2.__file__).parent, lib / "pyroute2")
+                for mod in (pyroute2, prometheus_client):
+                    shutil.copytree(Path(mod.__file__).parent, lib / mod.__name__)
             subprocess.run(["chmod", "-R", "a+rX", str(tmp)], check=True)
             env["PYTHONPATH"] = f"{ROOT}:{lib}"
         r = subprocess.run([*drop, python, "-c", f"import os, sys; os.execv(sys.executable, "

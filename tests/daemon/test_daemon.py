@@ -97,6 +97,43 @@ def test_reconnect_after_disconnect_keeps_tap_and_counters(daemon, netns):
     assert d.log().count("frontend disconnected") == 3
 
 
+def test_burst_histogram_is_monotonic_across_frontends(daemon, netns):
+    # Like the packet counters, the burst-size histogram carries over from one
+    # frontend to the next: Prometheus must never see it go down.
+    d = daemon()
+
+    def hist() -> dict:
+        return {(q["dir"], b): n for q in stats(d)["queues"] for b, n in q["batch_hist"].items()}
+
+    g = Guest(d.socket).setup()
+    try:
+        sock = packet_socket(netns, d.tap)
+        g.send([frame(i) for i in range(5)])
+        collect(sock, 5)
+        g.tx.wait_used(5)
+    finally:
+        g.close()
+    before = hist()
+    assert sum(before.values()) > 0
+    g = Guest(d.socket).setup()  # the new frontend's rings start from zero
+    try:
+        after = hist()
+        assert all(after[k] >= v for k, v in before.items()), (before, after)
+    finally:
+        g.close()
+    assert "started: serving 1 port(s)" in d.log()
+
+
+def test_verbose_twice_logs_every_request_by_name(daemon, netns, tmp_path):
+    quiet = daemon(tap="vtpq0")          # -v: no line per request
+    loud = daemon("-v", tap="vtpv0")     # -vv
+    for d in (quiet, loud):
+        Guest(d.socket).setup().close()
+    time.sleep(0.2)
+    assert "SET_MEM_TABLE" in loud.log() and "port vtpv0: SET_VRING_ADDR flags" in loud.log(), loud.log()
+    assert "SET_MEM_TABLE" not in quiet.log() and "request 5" not in quiet.log()
+
+
 def test_without_event_idx_and_with_indirect(daemon, netns):
     d = daemon()
     g = Guest(d.socket, event_idx=False, indirect=True).setup()

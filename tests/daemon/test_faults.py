@@ -89,7 +89,7 @@ def test_blocking_saturated_eventfds_do_not_freeze_the_daemon(config_daemon, net
         ports = d.ctl_json("ports")
         assert {p["name"] for p in ports} == {"vefa", "vefb"}
         text = get_metrics(mport)
-        assert 'vhostd_tx_packets_total{port="vefa",queue="0"} 4' in text
+        assert 'vhostd_packets_total{direction="tx",port="vefa",queue="0"} 4.0' in text
         port_carries_traffic(d.sock("vefb"), netns, "vefb")
         wait_until(lambda: "vring 1 stopped: " in d.log(), "the stopped ring's log line")
         assert "blocked" in d.log().split("vring 1 stopped: ", 1)[1].splitlines()[0]

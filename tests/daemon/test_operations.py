@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import vhostd
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, packet_socket
@@ -99,7 +100,7 @@ def config_daemon(tmp_path, netns, loop_kind):
 
 QUEUE_KEYS = {"queue_pair", "vring", "dir", "packets", "bytes", "drop_ring_full", "drop_tap_busy", "drop_tap_error",
               "drop_bad_desc", "drop_bad_hdr", "drop_disabled", "kicks", "calls", "calls_suppressed", "batch_hist",
-              "broken"}
+              "batch_sum", "broken"}
 PORT_KEYS = {"name", "state", "socket", "mode", "tap", "netns", "queues", "connected", "connections", "uptime_s",
              "connected_for_s"}
 
@@ -155,11 +156,23 @@ def test_many_ports_stats_json_metrics_and_watch(config_daemon, netns):
             for fam in text_string_to_metric_families(body):
                 for s in fam.samples:
                     samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-            assert samples[("vhostd_tx_packets_total", (("port", "vop1"), ("queue", "0")))] == 10
-            assert samples[("vhostd_rx_bytes_total", (("port", "vop1"), ("queue", "0")))] == sum(map(len, rx))
-            assert samples[("vhostd_tx_packets_total", (("port", "vop2"), ("queue", "0")))] == 5
+            def q(port, direction):
+                return (("direction", direction), ("port", port), ("queue", "0"))
+            assert samples[("vhostd_packets_total", q("vop1", "tx"))] == 10
+            assert samples[("vhostd_bytes_total", q("vop1", "rx"))] == sum(map(len, rx))
+            assert samples[("vhostd_packets_total", q("vop2", "tx"))] == 5
+            assert samples[("vhostd_dropped_packets_total", (*q("vop1", "tx")[:2], ("queue", "0"),
+                                                             ("reason", "bad_hdr")))] == 0
+            # the burst histogram: _count and _sum (chains over all bursts: 10 frames, 1 chain each)
+            assert samples[("vhostd_burst_size_sum", q("vop1", "tx"))] == 10
+            assert samples[("vhostd_burst_size_count", q("vop1", "tx"))] >= 1
             assert samples[("vhostd_port_connected", (("port", "vop2"),))] == 1
             assert samples[("vhostd_ports", ())] == 2
+            assert samples[("vhostd_build_info", (("version", vhostd.__version__),))] == 1
+            assert ("vhostd_port_up", (("port", "vop1"),)) in samples
+            info = [k for k in samples if k[0] == "vhostd_port_info" and dict(k[1])["port"] == "vop1"]
+            assert len(info) == 1 and {"tap", "netns", "mtu", "mac", "mode"} <= set(dict(info[0][1]))
+            assert any(name.startswith("process_") for name, _ in samples)  # the standard process metrics
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{mport}/other", timeout=5)
 

@@ -239,13 +239,26 @@ def test_units_keep_the_settings_the_integration_relies_on():
             assert s.get(key) == want, f"{unit}: {key}={s.get(key)}, expected {want}"
         assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"], unit
         assert "CAP_NET_ADMIN" in s["CapabilityBoundingSet"][0].split(), unit
-    assert svc["ExecStart"] == ["/usr/local/bin/vhostd --config /etc/vhostd/vhostd.toml --control-mode 0600"]
-    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert svc["ExecStart"] == ["/usr/local/bin/vhostd --config /etc/vhostd/vhostd.toml "
+                                "--control /run/vhostd/control.sock --control-mode 0600"]
+    # synchronous: fails when the file is broken or a port cannot be set up
+    assert svc["ExecReload"] == ["/usr/local/bin/vhostctl --control /run/vhostd/control.sock reload"]
     assert set(svc["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}  # netns ports
     assert tpl["ExecStart"][0].startswith(
         "/usr/local/bin/vhostd --socket /run/vhostd/%i.sock --tap %i --control /run/vhostd/%i.ctl --control-mode 0600")
     assert tpl["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]  # no netns by default: no setns
     assert "ExecReload" not in tpl  # nothing to reload without --config
+    for unit, s in (("vhostd.service", svc), ("vhostd@.service", tpl)):
+        assert s["SystemCallFilter"][-1] == "sched_setaffinity", unit  # cpu_affinity, after the denials
+        assert int(s["LimitNOFILE"][0]) >= 65536, unit
+    # socket activation: the template's socket is the path vhostd@'s --socket names
+    tsock = parse_unit(UNITS / "vhostd@.socket")["Socket"]
+    assert tsock["ListenStream"] == ["/run/vhostd/%i.sock"] and tsock["Service"] == ["vhostd@%i.service"]
+    ssock = parse_unit(UNITS / "vhostd.socket")["Socket"]
+    example_sockets = re.findall(r'^socket = "([^"]+)"', EXAMPLE.read_text(), flags=re.M)
+    assert ssock["ListenStream"] == example_sockets and ssock["Service"] == ["vhostd.service"]
+    for s in (tsock, ssock):
+        assert (s["SocketUser"], s["SocketGroup"], s["SocketMode"]) == (["vhostd"], ["kvm"], ["0660"])
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path):
@@ -254,10 +267,15 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     wrapper = tmp_path / "vhostd"
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m vhostd \"$@\"\n")
     wrapper.chmod(0o755)
-    for name in ("vhostd.service", "vhostd@.service"):
-        text = (UNITS / name).read_text().replace("/usr/local/bin/vhostd", str(wrapper))
+    ctl = tmp_path / "vhostctl"  # ExecReload's
+    ctl.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m vhostd.ctl \"$@\"\n")
+    ctl.chmod(0o755)
+    for name in ("vhostd.service", "vhostd@.service", "vhostd.socket", "vhostd@.socket"):
+        text = (UNITS / name).read_text().replace("/usr/local/bin/vhostctl", str(ctl))
+        text = text.replace("/usr/local/bin/vhostd", str(wrapper))
         (tmp_path / name).write_text(text)
-    r = subprocess.run([tool, "verify", str(tmp_path / "vhostd.service"), str(tmp_path / "vhostd@vm1.service")],
+    r = subprocess.run([tool, "verify", str(tmp_path / "vhostd.service"), str(tmp_path / "vhostd@vm1.service"),
+                        str(tmp_path / "vhostd.socket"), str(tmp_path / "vhostd@vm1.socket")],
                        capture_output=True, text=True, timeout=60)
     out = (r.stdout + r.stderr).strip()
     print(f"systemd-analyze verify (exit {r.returncode}):\n{out or '(no output)'}")
@@ -381,6 +399,88 @@ def test_fd_serves_an_inherited_listening_socket(rundir, netns, daemons):
     d.signal(signal.SIGTERM)
     assert d.wait() == 0, d.log()
     assert os.path.exists(path), "the socket's path belongs to whoever bound it, not to vhostd"
+
+
+# As systemd execs a socket-activated service: the passed sockets from fd 3 on,
+# LISTEN_PID set to the pid that execs the daemon (exec keeps the pid).
+ACTIVATE = ("import fcntl, os, sys; fds = [int(x) for x in sys.argv[1].split(',')]; "
+            "fds = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]; "  # out of the way of 3, 4, ...
+            "[os.dup2(fd, 3 + i) for i, fd in enumerate(fds)]; "
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds))); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+
+
+def activation_argv(fds) -> list[str]:
+    return [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), "-m", "vhostd"]
+
+
+def test_socket_activation_serves_the_socket_systemd_passed(rundir, netns, daemons):
+    """LISTEN_FDS=1 with the port's socket at fd 3 (vhostd@.socket's ListenStream=
+    with the path of --socket): a frontend that connected before the daemon
+    started is served, then the next one; the path stays at stop (it is systemd's)."""
+    path = str(rundir / "vsa0.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    early.connect(path)  # QEMU, before vhostd runs: waits in the backlog
+    notify = NotifySocket(rundir / "notify")
+    d = start(daemons, rundir, ["--socket", path, "--tap", "vsa0", "--netns", netns, "--control",
+                                str(rundir / "c.ctl")], notify, argv=activation_argv([listener.fileno()]),
+              pass_fds=(listener.fileno(),), env={"LISTEN_FDNAMES": "vhostd@vsa0.socket"})
+    listener.close()
+    notify.wait_for("READY=1", d)
+    early.close()
+    assert_features(path)
+    assert "(socket from systemd)" in d.log() and "no port uses" not in d.log(), d.log()
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
+    assert os.path.exists(path), "the activated socket's path belongs to systemd"
+    assert d.log().count("frontend connected") == 2, d.log()
+
+
+def test_socket_activation_by_name_and_the_control_socket(rundir, netns, daemons):
+    """Two sockets: the port's, named like the port (FileDescriptorName=vsb0) at an
+    unrelated path, and the control socket (named control); a reload that reopens
+    the port serves the same socket again."""
+    port_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    port_sock.bind(str(rundir / "elsewhere.sock"))
+    port_sock.listen(8)
+    ctl_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl_sock.bind(str(rundir / "ctl.sock"))
+    ctl_sock.listen(8)
+    cfg = rundir / "vhostd.toml"
+    cfg.write_text(f'control = "{rundir}/ctl.sock"\n[[port]]\nname = "vsb0"\nsocket = "{rundir}/vsb0.sock"\n'
+                   f'tap = "vsb0"\nnetns = "{netns}"\n')
+    notify = NotifySocket(rundir / "notify")
+    fds = (port_sock.fileno(), ctl_sock.fileno())
+    d = start(daemons, rundir, ["--config", str(cfg)], notify, argv=activation_argv(fds), pass_fds=fds,
+              env={"LISTEN_FDNAMES": "vsb0:control"})
+    port_sock.close()
+    ctl_sock.close()
+    notify.wait_for("READY=1", d)
+    assert not os.path.exists(rundir / "vsb0.sock")  # served from the passed socket, nothing bound
+    assert_features(str(rundir / "elsewhere.sock"))
+    ctl = [sys.executable, "-m", "vhostd.ctl", "--control", str(rundir / "ctl.sock")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cfg.write_text(cfg.read_text() + "mtu = 1400\n")  # a change: the port is reopened
+    r = subprocess.run([*ctl, "reload"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and "1 opened, 1 closed" in r.stdout, (r.stdout, r.stderr, d.log())
+    assert_features(str(rundir / "elsewhere.sock"))
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
+    assert os.path.exists(rundir / "ctl.sock") and os.path.exists(rundir / "elsewhere.sock")
+
+
+def test_socket_activation_for_another_pid_is_ignored(rundir, netns, daemons):
+    notify = NotifySocket(rundir / "notify")
+    path = str(rundir / "vsc0.sock")
+    d = start(daemons, rundir, ["--socket", path, "--tap", "vsc0", "--netns", netns, "--control", ""], notify,
+              env={"LISTEN_PID": "1", "LISTEN_FDS": "1"})
+    notify.wait_for("READY=1", d)
+    assert_features(path)  # bound by the daemon itself
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0, d.log()
 
 
 @pytest.mark.parametrize("kind", ["bound, not listening", "pipe", "datagram socket", "closed fd"])
@@ -534,12 +634,14 @@ def expand(names: list[str], groups: dict[str, list[str]]) -> set[str]:
 
 def sandbox_spec(service: dict[str, list[str]], tool: str) -> dict:
     groups = syscall_groups(tool)
-    allow: list[str] = []
-    deny: list[str] = []
-    for value in service["SystemCallFilter"]:
-        (deny if value.startswith("~") else allow).extend(value.lstrip("~").split())
-    assert allow, "the emulation handles an allow-list SystemCallFilter (the units' form)"
-    syscalls = (expand(allow + ["@default"], groups)) - expand(deny, groups)
+    # systemd applies the assignments in order: the first (no ~) makes an allow
+    # list, a later ~ line removes from it, a later plain line adds back.
+    values = service["SystemCallFilter"]
+    assert not values[0].startswith("~"), "the emulation handles an allow-list SystemCallFilter (the units' form)"
+    syscalls = expand(["@default"], groups)
+    for value in values:
+        names = expand(value.lstrip("~").split(), groups)
+        syscalls = syscalls - names if value.startswith("~") else syscalls | names
     families = [getattr(socket, f) for f in service["RestrictAddressFamilies"][0].split()]
     ns = service.get("RestrictNamespaces", ["no"])[0]
     return {
@@ -610,9 +712,11 @@ def test_daemon_serves_traffic_inside_the_units_sandbox(unit, rundir, netns, dae
         # The example config, with its paths in rundir and its TAPs in our namespace
         # (this unit keeps CAP_SYS_ADMIN for setns).
         text = EXAMPLE.read_text().replace("/run/vhostd/", f"{rundir}/")
-        text = re.sub(r'^(tap = "[^"]+")', rf'\1\nnetns = "{netns}"', text, flags=re.M)
+        # cpu_affinity: the workers' sched_setaffinity must pass the syscall filter
+        text = re.sub(r'^(tap = "[^"]+")', rf'\1\nnetns = "{netns}"\ncpu_affinity = [0]', text, flags=re.M)
         (rundir / "vhostd.toml").write_text(text)
-        args = [a.replace("/etc/vhostd/vhostd.toml", str(rundir / "vhostd.toml")) for a in exec_start[1:]]
+        args = [a.replace("/etc/vhostd/vhostd.toml", str(rundir / "vhostd.toml")).replace("/run/vhostd/", f"{rundir}/")
+                for a in exec_start[1:]]
         tap, sock = "vm1", rundir / "vm1.sock"
     else:
         # The template has no CAP_SYS_ADMIN: its "host" namespace is our namespace.
@@ -668,9 +772,17 @@ def test_install_service_into_destdir(tmp_path):
                 "usr/local/bin/vhostd", "usr/local/bin/vhostctl", "etc/vhostd/vhostd.toml",
                 "etc/systemd/system/vhostd.service", "etc/systemd/system/vhostd@.service"):
         assert (dest / rel).exists(), f"{rel} missing"
-    for name in ("vhostd.service", "vhostd@.service"):
+    for name in ("vhostd.service", "vhostd@.service", "vhostd.socket", "vhostd@.socket"):
         assert (dest / "etc/systemd/system" / name).read_bytes() == (UNITS / name).read_bytes()
     assert (dest / "etc/vhostd/vhostd.toml").read_bytes() == EXAMPLE.read_bytes()
+    for rel in ("usr/local/share/man/man8/vhostd.8", "usr/local/share/man/man1/vhostctl.1",
+                "usr/local/share/bash-completion/completions/vhostd",
+                "usr/local/share/bash-completion/completions/vhostctl"):
+        assert (dest / rel).stat().st_size > 0, f"{rel} missing"
+    # QEMU's vhost-user backend descriptor: a net backend, the installed binary
+    desc = json.loads((dest / "etc/qemu/vhost-user/50-vhostd.json").read_text())
+    assert desc["type"] == "net" and desc["binary"] == "/usr/local/bin/vhostd" and desc["description"]
+    assert set(desc) <= {"description", "type", "binary", "features"}
     assert os.readlink(dest / "usr/local/bin/vhostd") == "../../../opt/vhostd/bin/vhostd"
     assert {p for p in ("build", "vhostd.egg-info") if (ROOT / p).exists()} == before, "built inside the repo"
 

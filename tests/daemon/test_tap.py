@@ -236,3 +236,36 @@ def test_attach_to_a_tap_without_vnet_hdr_held_by_another_process_fails_clearly(
         assert link(netns, "vtpx") is not None
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("case", ["regular file", "missing directory", "in use"])
+def test_a_socket_that_cannot_be_bound_removes_the_tap_it_created(tmp_path, netns, case):
+    # The TAP is created before the socket is bound; a bind that fails must not
+    # leave it behind (the next try would say "existing, attached").
+    other = None
+    if case == "regular file":
+        sock = tmp_path / "plain"
+        sock.write_text("x")
+    elif case == "missing directory":
+        sock = tmp_path / "nodir" / "s.sock"
+    else:
+        other = start(tmp_path, netns, "vtpo")
+        sock = other.socket
+    try:
+        r = subprocess.run([sys.executable, "-m", "vhostd", "--socket", str(sock), "--tap", "vtpb", "--netns", netns,
+                            "--control", ""], capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=30)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("vhostd: error: "), r.stderr
+        assert link(netns, "vtpb") is None, r.stderr
+        if other is not None:  # the live socket was probed without counting as a frontend there
+            assert "frontend connected" not in other.log(), other.log()
+    finally:
+        if other is not None:
+            assert other.stop() == 0
+    # a TAP the operator made stays, whatever fails
+    ip(netns, "tuntap", "add", "dev", "vtpk", "mode", "tap", "multi_queue", "vnet_hdr")
+    (tmp_path / "plain2").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "vhostd", "--socket", str(tmp_path / "plain2"), "--tap", "vtpk",
+                        "--netns", netns, "--control", ""], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=30)
+    assert r.returncode == 1 and link(netns, "vtpk") is not None

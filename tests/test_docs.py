@@ -1,0 +1,64 @@
+"""scripts/gen-docs.py: the man pages and bash completion generated from the
+argument parsers name every option of every verb, render without groff warnings,
+and complete verbs, options and choices."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vhostd.cli import vhostd_parser
+from vhostd.ctl import parser as vhostctl_parser
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("docs")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-docs.py"), "--man", str(out / "man"),
+                    "--completion", str(out / "comp")], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return out
+
+
+def all_options(p) -> set[str]:
+    opts = {o for a in p._actions for o in a.option_strings}
+    for a in p._actions:
+        for sp in (getattr(a, "choices", None) or {}).values() if isinstance(getattr(a, "choices", None), dict) else ():
+            opts |= all_options(sp)
+    return opts
+
+
+@pytest.mark.parametrize("page, parser", [("man8/vhostd.8", vhostd_parser), ("man1/vhostctl.1", vhostctl_parser)])
+def test_man_pages_name_every_option_and_render_cleanly(docs, page, parser):
+    text = (docs / "man" / page).read_text()
+    for opt in all_options(parser()) - {"-h", "--help"}:
+        assert opt.replace("-", "\\-") in text, f"{page}: {opt} missing"
+    if parser is vhostctl_parser:
+        for verb in ("ports", "stats", "capture", "reload", "add-port"):
+            assert f".SS {verb}\n" in text
+    if shutil.which("groff"):
+        r = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(docs / "man" / page)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def complete(docs, prog: str, *words: str) -> list[str]:
+    """What bash offers for the last of `words` (COMP_CWORD at it)."""
+    script = (f'source {docs / "comp" / prog}; COMP_WORDS=({prog} {" ".join(words) or chr(39) * 2}); '
+              f'COMP_CWORD={len(words)}; _{prog}; printf "%s\\n" "${{COMPREPLY[@]}}"')
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    return r.stdout.split()
+
+
+def test_completion(docs):
+    assert {"capture", "ports", "--instance"} <= set(complete(docs, "vhostctl", ""))
+    assert complete(docs, "vhostctl", "cap") == ["capture"]
+    assert "--direction" in complete(docs, "vhostctl", "--control", "/x", "capture", "--d")
+    assert complete(docs, "vhostctl", "capture", "vm1", "--direction", "") == ["rx", "tx", "both"]
+    assert complete(docs, "vhostctl", "stats", "--w") == ["--watch"]
+    assert complete(docs, "vhostd", "--check-c") == ["--check-config"]
+    assert complete(docs, "vhostd", "--tap-io", "") == ["auto", "syscall"]

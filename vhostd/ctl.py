@@ -140,10 +140,6 @@ def print_rings(ports: list[dict]) -> None:
     """Per vring: the device's positions, guest memory's, eventfds, and hints."""
     for port in ports:
         print(f"port {port['port']} ({'connected' if port['connected'] else 'waiting'})")
-        dl = port.get("dirty_log")
-        if dl and (dl["logging"] or dl["pages_marked"]):
-            print(f"  dirty logging {'on' if dl['logging'] else 'off'}: {dl['pages_marked']} pages marked"
-                  + (f", {dl['marks_beyond_log']} beyond the log" if dl["marks_beyond_log"] else ""))
         for r in port["rings"]:
             d, g = r["device"], r.get("guest", {})
             state = "ready" if r["ready"] else ("broken: " + str(r["broken"]) if r["broken"] else "not serviced")

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(qemu-system-x86 busybox-static dpdk-dev iproute2 iputils-ping procps util-linux systemd libseccomp2
+PKGS=(qemu-system-x86 busybox-static dpdk-dev iproute2 iputils-ping procps util-linux systemd libseccomp2 groff-base
       gcc python3-dev python3-venv cpio xz-utils zstd kmod clang-14 libclang-rt-14-dev)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -121,6 +121,7 @@ class FakeDevice:
         self.log.append(("reset",))
         if self.stuck:
             raise WorkerStuck("queue pair 0: the worker did not stop when asked (stuck)")
+        return {i: 0x100 + i for i in range(2 * self.queue_pairs)}
 
     def hold(self, fds):
         self.held.extend(fds)
@@ -397,6 +398,28 @@ def test_device_reset_stops_rings_clears_features_keeps_owner_and_memory(session
     assert not any(v.started or v.enabled or v.kick for v in session.vrings)
     assert session.owner and session.protocol_features == bit(ProtocolFeature.RESET_DEVICE)
     assert session.device.log[-1] == ("reset",)
+
+
+def test_get_vring_base_after_set_status_0_answers_where_the_ring_stopped(session):
+    # QEMU 7.2 stops a device with SET_STATUS 0 and then GET_VRING_BASE per ring
+    # (vhost_dev_stop); the positions it reads go to a migration destination.
+    with_memory(session)
+    session.set_vring_num(VringState(1, 256))
+    session.set_vring_addr(VringAddr(1, 0, 0x1000, 0x3000, 0x2000, 0))
+    session.set_vring_base(VringState(1, 0))
+    session.set_vring_kick(1, eventfd())
+    session.set_status(0xF)
+    session.set_status(0)
+    assert VringState.unpack(session.get_vring_base(VringState(1, 0))).num == 0x101
+    # an unconfigured ring, and the second read, ask the device as before
+    assert VringState.unpack(session.get_vring_base(VringState(0, 0))).num == 0x1234
+    assert VringState.unpack(session.get_vring_base(VringState(1, 0))).num == 0x1234
+    # set up again: the stopped position is gone
+    session.set_status(0xF)
+    session.set_vring_kick(1, eventfd())
+    session.set_status(0)
+    session.set_vring_base(VringState(1, 7))
+    assert VringState.unpack(session.get_vring_base(VringState(1, 0))).num == 0x1234
 
 
 def test_reset_device_needs_its_protocol_feature(session):

@@ -307,14 +307,19 @@ class NetDevice:
             check(lib.vr_qp_set_started(qp.ptr, vring.which, 0), f"vring {vring.index}")
         return base[0]
 
-    def reset(self, keep_memory: bool = False) -> None:
+    def reset(self, keep_memory: bool = False) -> dict[int, int]:
         """Forgets a frontend: every ring idle in C (its fds no longer watched, so the
         caller may close them), memory unmapped unless `keep_memory` (a device reset
-        within one connection), every TAP queue attached. The TAP stays. Raises
-        WorkerStuck: then the caller hands the vring fds to hold()."""
+        within one connection), every TAP queue attached. The TAP stays. Returns
+        where each vring stopped (vring index -> GET_VRING_BASE value), read before
+        the reset. Raises WorkerStuck: then the caller hands the vring fds to hold()."""
+        bases: dict[int, int] = {}
+        base = ffi.new("uint32_t *")
         with self.all_paused():
             for qp in self.qps:
                 for which in (RX, TX):
+                    if lib.vr_qp_get_base(qp.ptr, which, base) == 0:
+                        bases[2 * qp.index + which] = base[0]
                     qp.reset_vq(which)
                 check(lib.vr_qp_set_log(qp.ptr, 0, 0), "dirty log")
             if not keep_memory:
@@ -324,6 +329,7 @@ class NetDevice:
             old_log.release()
         for i in range(self.queue_pairs):
             self._steer(i, True)  # every TAP queue attached while no frontend is there
+        return bases
 
     def hold(self, fds: list[OwnedFd]) -> None:
         """Fds a stuck worker may still use: closed only once it has come back

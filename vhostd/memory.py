@@ -39,6 +39,7 @@ class MappedRegion:
     base: int  # address returned by mmap
     length: int  # size + mmap_offset
     fd: OwnedFd
+    refs: int = 1  # ADD_MEM_REG of this very region, less REM_MEM_REG (GuestMemory.identical)
 
     @property
     def hva(self) -> int:
@@ -156,6 +157,28 @@ class GuestMemory:
             _unmap(new)
             raise
         return table
+
+    def identical(self, region: MemRegion, fd: OwnedFd) -> MappedRegion | None:
+        """The live region `region` repeats exactly (addresses, size, offset, and the
+        same file behind the fd), or None. QEMU 7.2 keeps one memory table per queue
+        pair and sends ADD_MEM_REG and REM_MEM_REG once per queue pair on the same
+        connection; a repeat is counted, not refused, and unmapped with the last
+        REM_MEM_REG."""
+        st = os.fstat(fd.fd)
+        for m in self.regions:
+            if m.region == region:
+                mine = os.fstat(m.fd.fd)
+                if (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
+                    return m
+        return None
+
+    def find(self, region: MemRegion) -> MappedRegion | None:
+        """The live region REM_MEM_REG names (see `without`)."""
+        for m in self.regions:
+            r = m.region
+            if (r.gpa, r.size, r.uva) == (region.gpa, region.size, region.uva):
+                return m
+        return None
 
     def without(self, region: MemRegion) -> list[MappedRegion]:
         """REM_MEM_REG: the live regions less the one with region's gpa and size (and

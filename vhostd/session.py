@@ -76,17 +76,18 @@ class Session:
             self.log_fd.close()
             self.log_fd = None
 
-    def _reset_device(self, keep_memory: bool = False) -> None:
+    def _reset_device(self, keep_memory: bool = False) -> dict[int, int]:
         """Every ring idle and memory unmapped (unless keep_memory), then the vring fds
         closed: only once no worker watches them. A stuck worker may still use them:
         the device holds them until it comes back (WorkerStuck goes on, the port fails)."""
         try:
-            self.device.reset(keep_memory)
+            bases = self.device.reset(keep_memory) or {}
         except WorkerStuck:
             self.device.hold([f for v in self.vrings for f in v.take_fds()])
             raise
         for v in self.vrings:
             v.release()
+        return bases
 
     # --- helpers for dispatch --------------------------------------------------
 
@@ -233,8 +234,14 @@ class Session:
         spec says the back-end retains ownership across a reset: the owner, the
         negotiated protocol features and the memory table (the frontend's memory
         does not change with the device's state; it sends a new table if it does)."""
-        self._reset_device(keep_memory=True)
-        self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
+        bases = self._reset_device(keep_memory=True)
+        old, self.vrings = self.vrings, [Vring(i) for i in range(2 * self.device.queue_pairs)]
+        # QEMU 7.2 stops a device with SET_STATUS 0 first and GET_VRING_BASE after
+        # (vhost_dev_stop): each ring that was set up answers where it stopped, in
+        # the format it ran with, until it is set up again.
+        for v in old:
+            if v.configured and v.index in bases:
+                self.vrings[v.index].stopped_at = bases[v.index]
         self.features = 0
         self.status = 0
         self._resync_pending.clear()
@@ -313,6 +320,13 @@ class Session:
         """ADD_MEM_REG: maps only the new region; the workers pause for the table swap."""
         if len(fds) != 1:
             raise RequestError(f"memory region gpa {region.gpa:#x}: no fd attached")
+        same = self.device.mem.identical(region, fds[0])
+        if same is not None:  # QEMU 7.2 with several queue pairs: one ADD per pair
+            fds[0].close()
+            same.refs += 1
+            self.log.debug("memory region gpa %#x size %#x added again (%d references)",
+                           region.gpa, region.size, same.refs)
+            return
         try:
             table = self.device.mem.with_added(region, fds[0])
         finally:
@@ -324,6 +338,11 @@ class Session:
         Only the removed region is unmapped, after the swap."""
         for fd in fds:
             fd.close()
+        m = self.device.mem.find(region)
+        if m is not None and m.refs > 1:  # added once per queue pair: the last one unmaps
+            m.refs -= 1
+            self.log.debug("memory region gpa %#x size %#x: %d references left", region.gpa, region.size, m.refs)
+            return
         table = self.device.mem.without(region)
         self._swap_memory(table, f"memory region removed: gpa {region.gpa:#x} size {region.size:#x}")
 
@@ -349,7 +368,7 @@ class Session:
         elif num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
             raise RequestError(f"vring {state.index} size {num:#x} invalid (power of 2, 1..{MAX_QUEUE_SIZE:#x})")
         v = self.vrings[state.index]
-        v.num = num
+        v.num, v.stopped_at = num, None
         self._apply(v)
 
     def set_vring_addr(self, addr: VringAddr) -> None:
@@ -360,7 +379,7 @@ class Session:
             if uva % align:
                 raise RequestError(f"vring {addr.index} {what} address {uva:#x} not {align}-byte aligned")
         v = self.vrings[addr.index]
-        old, v.addr = v.addr, addr
+        old, v.addr, v.stopped_at = v.addr, addr, None
         self._apply(v)
         if len(self.device.mem) and v.num and not v.mapped:
             if old is not None:  # refused: the ring keeps the addresses it had
@@ -379,7 +398,7 @@ class Session:
             avail, used = state.num & 0x7FFF, state.num >> 16 & 0x7FFF
             if avail >= v.num or (state.num >> 16 and used >= v.num):
                 raise RequestError(f"vring {state.index} base {state.num:#x}: slot beyond size {v.num:#x}")
-        v.base = state.num
+        v.base, v.stopped_at = state.num, None
         self._resync_pending.add(v.index)
         self._apply(v, base=state.num)
 
@@ -414,6 +433,9 @@ class Session:
 
     def get_vring_base(self, state: VringState) -> bytes:
         v = self.vrings[state.index]
+        if v.stopped_at is not None:  # stopped by a device reset, not set up since
+            base, v.stopped_at = v.stopped_at, None
+            return VringState(state.index, base).pack()
         base = self.device.stop_vring(v)
         v.started = False
         self.log.debug("vring %d stopped at %#x", v.index, base)
@@ -432,7 +454,7 @@ class Session:
         old = v.replace_fd(attr, fd)
         base = None
         if attr == "kick":
-            v.started = fd is not None
+            v.started, v.stopped_at = fd is not None, None
             base = self._resync_base(v) if v.started else None
         self._apply(v, base)  # C stops watching the old fd first ...
         if old is not None:

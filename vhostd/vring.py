@@ -53,6 +53,7 @@ class Vring:
     started: bool = False
     enabled: bool = False
     mapped: bool = False  # the C side could translate its rings
+    stopped_at: int | None = None  # GET_VRING_BASE's answer after a device reset
 
     @property
     def qp(self) -> int:

@@ -48,7 +48,8 @@ class ConfigDaemon:
                                      stdout=self.logfile, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(ENV, VHOSTD_EVENT_LOOP=loop))
         deadline = time.monotonic() + 20
-        while not os.path.exists(self.control):
+        # "started:" comes after every listener (control, metrics) is up
+        while not os.path.exists(self.control) or "INFO vhostd: started: " not in self.log():
             assert self.proc.poll() is None, self.log()
             assert time.monotonic() < deadline, self.log()
             time.sleep(0.05)

@@ -6,11 +6,15 @@
         [--dpdk] [--dirs tx] [--sizes 64] [--reps 4] [--seconds 5]
     python3 bench/perf_ab.py --variant off=.:sink=vufront --variant log=.:sink=vufront-log \
         --dirs rx --sizes 64,1500          # dirty logging's cost (live migration)
+    python3 bench/perf_ab.py --variant off=. --variant capture=.:capture --dirs tx,rx
+                                           # `vhostctl capture` running vs not
 
 Each variant is a source tree with its C extension built (e.g. `git archive REV |
 tar -x -C DIR && cd DIR && python3 vhostd/_build_ffi.py`) plus optional
 settings after the colon, comma separated: K=V environment variables (for old
-trees), --options given to that variant's vhostd, or sink=vufront|vufront-log
+trees), --options given to that variant's vhostd, `capture` (a `vhostctl capture`
+of the port into /dev/null runs through every point, on the backend's CPU; its
+CPU is reported as ours, not the backend's), or sink=vufront|vufront-log
 (the TAP->guest sink: bench/vufront.c rx, with --log a dirty log and LOG_ALL on,
 as during a live migration; default DPDK's testpmd); vhostd is started from that tree (`env -C DIR python3 -m
 vhostd ...`), so editing the working tree during a run changes nothing. Every
@@ -44,7 +48,7 @@ class ABBench(bench.Bench):
         if kind == "dpdk":
             return super().start_backend(kind, sock)
         tree, settings = self.variants[kind]
-        env = [e for e in settings if not e.startswith("--") and not e.startswith("sink=")]
+        env = [e for e in settings if not e.startswith("--") and not e.startswith("sink=") and e != "capture"]
         opts = [e for e in settings if e.startswith("--")]
         self.seq += 1
         tap, ctl = f"vhbv{self.seq}", os.path.join(self.tmp, f"ctl{self.seq}")
@@ -60,7 +64,23 @@ class ABBench(bench.Bench):
                 raise bench.BenchError(f"{kind}: no socket/TAP after 30 s:\n{p.tail()}")
             bench.time.sleep(0.1)
         bench.run(["ip", "-n", self.ns, "link", "set", "dev", tap, "mtu", str(bench.TAP_MTU), "up"])
+        self.capture = None
+        if "capture" in settings:
+            # `vhostctl capture` of both directions into /dev/null for the whole point,
+            # on the backend's CPU: the daemon's drain and the reader are both paid there
+            code = ("import sys; from vhostd.cli import vhostctl_main; "
+                    "sys.exit(vhostctl_main(sys.argv[1:]))")
+            self.capture = self.start("capture", ["taskset", "-c", str(bench.BACKEND_CPU), "env", "-C", tree,
+                                                  sys.executable, "-c", code, "--control", ctl, "capture", tap,
+                                                  "-s", "128", "-w", "/dev/null"])
         return p, tap, ctl
+
+    def add_drain(self, tap, procs, pids, getters):
+        super().add_drain(tap, procs, pids, getters)
+        if getattr(self, "capture", None) is not None:
+            procs.append(self.capture)
+            pids["capture"] = self.capture.pid
+            self.capture = None
 
 
     def rx_sink(self, who):
@@ -121,6 +141,8 @@ def main() -> int:
                                   f"cpu {r['backend_cpu'] * 100:.0f}%, "
                                   f"{r['backend_cpu'] / r['pps'] * 1e6:.3f} us CPU/pkt, "
                                   f"foreign {r['foreign_cpu']:.2f}"
+                                  + (f", capture reader cpu {r['cpu']['capture'] * 100:.0f}%"
+                                     if "capture" in r["cpu"] else "")
                                   + (f", offered {r['offered_pps'] / 1e6:.3f}" if d == "rx" else ""))
     except KeyboardInterrupt:
         bench.log("interrupted")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 
@@ -117,4 +118,56 @@ def test_daemon_survives_guest_exit_and_serves_again(guest_image, netns, vhostd,
     g.wait_for_socket(daemon.socket_path, timeout=10, proc=daemon)
     _run_download(guest_image, daemon, srv, netns, "second frontend", mac="52:54:00:12:34:57")
     assert daemon.alive(), "vhostd died during the second guest run\n" + daemon.describe()
+    _stop_ok(daemon)
+
+
+_VHOSTCTL = "import sys; from vhostd.cli import vhostctl_main; sys.exit(vhostctl_main(sys.argv[1:]))"
+GUEST_MAC = "52:54:00:12:34:56"
+
+
+def test_capture_of_a_guest_s_traffic(guest_image, netns, vhostd, http_server, sock_dir):
+    """`vhostctl capture` while a real guest pings and downloads: the pcap holds the
+    guest's echo requests as it sent them (tx), the replies and the HTTP data the
+    TAP delivered to it (rx), cut at the snap length; the capture ends at its count
+    and the guest's transfer is intact."""
+    from scapy.layers.inet import ICMP, IP, TCP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import rdpcap
+
+    daemon = vhostd()
+    srv = http_server()
+    out = os.path.join(sock_dir, "guest.pcap")
+    env = dict(os.environ, PYTHONPATH=str(g.REPO_ROOT))
+    cap = subprocess.Popen([sys.executable, "-c", _VHOSTCTL, "--control", os.path.join(sock_dir, "vhostd.ctl"),
+                            "capture", TAP, "-c", "400", "-s", "128", "-w", out],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(g.REPO_ROOT))
+    try:
+        deadline = time.monotonic() + 20
+        while "capture started" not in daemon.stderr():
+            assert cap.poll() is None and time.monotonic() < deadline, cap.communicate()[1] + daemon.describe()
+            time.sleep(0.1)
+        _run_download(guest_image, daemon, srv, netns, "captured")
+        _, err = cap.communicate(timeout=30)
+    finally:
+        if cap.poll() is None:
+            cap.kill()
+            cap.wait()
+    assert cap.returncode == 0, err
+    assert "400 frame(s) captured" in err, err
+    pkts = rdpcap(out)
+    assert len(pkts) == 400
+    assert all(len(bytes(p)) <= 128 for p in pkts)
+    tx = [p for p in pkts if Ether in p and p[Ether].src == GUEST_MAC]
+    rx = [p for p in pkts if Ether in p and p[Ether].dst == GUEST_MAC]
+    requests = [p for p in tx if ICMP in p and p[ICMP].type == 8 and p[IP].src == g.GUEST_IP]
+    replies = [p for p in rx if ICMP in p and p[ICMP].type == 0 and p[IP].dst == g.GUEST_IP]
+    http = [p for p in rx if TCP in p and p[TCP].sport == srv.port]
+    print(f"\n[e2e] capture: {len(pkts)} frames, {len(tx)} from the guest, {len(rx)} to it; "
+          f"{len(requests)} echo requests, {len(replies)} replies, {len(http)} HTTP segments", file=sys.stderr)
+    assert len(requests) >= 3 and len(replies) >= 3, [p.summary() for p in pkts[:20]]
+    assert {p[ICMP].seq for p in replies} <= {p[ICMP].seq for p in requests}
+    assert http, [p.summary() for p in pkts[-20:]]
+    # each direction in time order
+    ts = [float(p.time) for p in pkts]
+    assert ts == sorted(ts)
     _stop_ok(daemon)

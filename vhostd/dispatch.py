@@ -76,7 +76,7 @@ class Row:
     fds: tuple[int, int] = (0, 0)
     reply: Reply = Reply.ACK
     vring: bool = False  # payload carries a vring index to range-check
-    owner: bool = False  # refused until SET_OWNER (see _OWNED below)
+    owner: bool = False  # refused until SET_OWNER (see above REQUEST_TABLE)
 
 
 R = Request

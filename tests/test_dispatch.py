@@ -37,8 +37,9 @@ class FakeSession:
 
     queue_pairs = 1
 
-    def __init__(self, protocol_features=0):
+    def __init__(self, protocol_features=0, owner=True):
         self.protocol_features = protocol_features
+        self.owner = owner
         self.log = logging.LoggerAdapter(logging.getLogger("test"), {})
         self.errors = 0
         self.calls = []
@@ -143,3 +144,38 @@ def test_vring_file_becomes_index_and_fd_or_none():
         vring_fd(VringFile(1, True, 0x101), [fd])
     with pytest.raises(RequestError, match="no fd attached"):
         vring_fd(VringFile(1, False, 1), [])
+
+
+def test_owner_requests_refused_before_set_owner_with_the_usual_error_path(caplog):
+    s = FakeSession(bit(ProtocolFeature.REPLY_ACK), owner=False)
+    with caplog.at_level(logging.WARNING):
+        reply = run(s, Request.SET_VRING_NUM, struct.pack("=II", 0, 256), flags=0x9)
+    assert reply[12:] == struct.pack("=Q", 1)  # a failed REPLY_ACK, the connection lives on
+    assert s.errors == 1 and not s.calls
+    assert "SET_VRING_NUM before SET_OWNER" in caplog.text
+    # what QEMU asks before SET_OWNER is answered
+    assert run(s, Request.GET_FEATURES)[12:] == struct.pack("=Q", 0x1234)
+    assert s.errors == 1
+
+
+def test_pre_owner_negotiation_rows_are_open():
+    for r in (Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.SET_PROTOCOL_FEATURES,
+              Request.GET_QUEUE_NUM, Request.GET_MAX_MEM_SLOTS, Request.SET_BACKEND_REQ_FD,
+              Request.GET_CONFIG, Request.SET_OWNER, Request.RESET_OWNER, Request.GET_STATUS):
+        assert not REQUEST_TABLE[r].owner, r.name
+
+
+def test_reply_ack_follows_the_features_the_request_came_with():
+    """A handler that drops REPLY_ACK (RESET_OWNER) still acks the request that asked."""
+    s = FakeSession(bit(ProtocolFeature.REPLY_ACK))
+
+    async def drop(session, state):
+        session.protocol_features = 0
+
+    FAKE_HANDLERS[Request.SET_VRING_NUM] = drop
+    try:
+        reply = run(s, Request.SET_VRING_NUM, struct.pack("=II", 0, 256), flags=0x9)
+    finally:
+        FAKE_HANDLERS[Request.SET_VRING_NUM] = FakeSession.set_vring_num
+    assert reply[12:] == struct.pack("=Q", 0)
+    assert run(s, Request.SET_VRING_NUM, struct.pack("=II", 0, 256), flags=0x9) is None

@@ -63,3 +63,33 @@ def test_completion(docs):
     assert complete(docs, "vhostctl", "stats", "--w") == ["--watch"]
     assert complete(docs, "vhostd", "--check-c") == ["--check-config"]
     assert complete(docs, "vhostd", "--tap-io", "") == ["auto", "syscall"]
+
+
+def _actions(p, where=""):
+    for a in p._actions:
+        yield where, a
+        choices = getattr(a, "choices", None)
+        if isinstance(choices, dict):
+            for name, sp in choices.items():
+                yield from _actions(sp, f"{where} {name}")
+
+
+@pytest.mark.parametrize("parser", [vhostd_parser, vhostctl_parser], ids=["vhostd", "vhostctl"])
+def test_every_option_has_a_help_text(parser):
+    import argparse
+
+    missing = [f"{where} {'/'.join(a.option_strings) or a.dest}" for where, a in _actions(parser())
+               if a.option_strings and a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    assert not missing, f"options without help: {missing}"
+
+
+def test_readme_option_table_names_every_vhostd_option():
+    """README's "Running vhostd" table: one row per option, with its metavar."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| flag | meaning |"):text.index("SIGTERM or SIGINT")]
+    for a in vhostd_parser()._actions:
+        if not a.option_strings or a.option_strings == ["-h", "--help"]:
+            continue
+        first = a.option_strings[0]
+        row = f"| `{first}" + (f" {a.metavar}`" if a.metavar else "")
+        assert row in table, f"README option table lacks {row}"

@@ -319,6 +319,7 @@ def test_vring_file_through_dispatch(session):
     """dispatch hands the handler (index, fd): SET_VRING_CALL with an fd, then with
     the no-fd flag, on vring 1; an index beyond the queue pairs is refused."""
     fd = eventfd()
+    session.set_owner()
 
     def request(raw, fds):
         header = Header(Request.SET_VRING_CALL, 0x1, 8)
@@ -374,12 +375,124 @@ def test_split_ring_resyncs_to_used_idx_once_per_base(session):
 
 
 def test_reset_owner_forgets_the_frontend(session):
+    session.set_owner()
+    session.set_protocol_features(bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.LOG_SHMFD))
     session.set_features(bit(F_VERSION_1))
-    kick = eventfd()
-    session.set_vring_kick(0, kick)
+    session.set_status(0xF)
+    fds = [eventfd() for _ in range(4)]
+    session.set_vring_kick(0, fds[0])
+    session.set_vring_call(0, fds[1])
+    session.set_vring_err(1, fds[2])
+    session.set_log_fd(b"", [fds[3]])
+    session.set_vring_base(VringState(1, 5))
     session.reset_owner()
-    assert session.features == 0 and kick.fd == -1
-    assert not any(v.started or v.enabled or v.kick for v in session.vrings)
+    assert session.features == 0 and session.protocol_features == 0 and session.status == 0
+    assert not session.owner and session.log_fd is None and not session._resync_pending
+    assert all(f.fd == -1 for f in fds), "a kick/call/err/log fd stayed open"
+    assert not any(v.started or v.enabled or v.kick or v.call or v.err or v.num or v.addr for v in session.vrings)
+    # memory and the dirty log go with it (device.reset without keep_memory)
+    assert session.device.log[-1] == ("reset",)
+
+
+def test_offloads_ignored_are_logged_again_after_each_kind_of_reset(session, caplog):
+    broken = bit(F_VERSION_1) | bit(F_HOST_TSO4)  # TSO without checksum offload
+    session.set_owner()
+    session.set_protocol_features(bit(ProtocolFeature.RESET_DEVICE))
+    for reset in (lambda: None, lambda: session.set_status(0), session.reset_device, session.reset_owner):
+        session.set_status(0xF)
+        reset()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            session.set_features(broken)
+            session.set_features(broken)
+        assert caplog.text.count("offloads ignored") == 1  # once per device life
+        if not session.owner:
+            session.set_owner()
+            session.set_protocol_features(bit(ProtocolFeature.RESET_DEVICE))
+
+
+# --- ownership, through dispatch ---------------------------------------------------------
+
+from vhostd.dispatch import REQUEST_TABLE  # noqa: E402
+
+_PAYLOADS = {  # a well-formed payload per owner-requiring request: only the owner is missing
+    Request.SET_MEM_TABLE: struct.pack("=II", 1, 0) + struct.pack("=QQQQ", 0, 1 << 20, 0, 0),
+    Request.SET_LOG_BASE: struct.pack("=QQ", 4096, 0),
+    Request.SET_VRING_ADDR: struct.pack("=IIQQQQ", 0, 0, 0x1000, 0x3000, 0x2000, 0),
+    Request.ADD_MEM_REG: bytes(8) + struct.pack("=QQQQ", 0, 1 << 20, 0, 0),
+    Request.REM_MEM_REG: bytes(8) + struct.pack("=QQQQ", 0, 1 << 20, 0, 0),
+    Request.RESET_DEVICE: b"",
+    Request.SET_LOG_FD: b"",
+    Request.SEND_RARP: bytes.fromhex("525400000001") + bytes(2),
+}
+OWNED = sorted((r for r, row in REQUEST_TABLE.items() if row.owner), key=int)
+
+
+def _send(session, req, payload=b"", fds=(), flags=0x9):
+    return asyncio.run(dispatch(session, Header(req, flags, len(payload)), payload, list(fds)))
+
+
+def test_the_requests_that_need_an_owner():
+    """Everything that acts on the device; nothing QEMU, DPDK or rust-vmm send before SET_OWNER."""
+    assert set(OWNED) == {
+        Request.SET_FEATURES, Request.SET_MEM_TABLE, Request.SET_LOG_BASE, Request.SET_LOG_FD,
+        Request.SET_VRING_NUM, Request.SET_VRING_ADDR, Request.SET_VRING_BASE, Request.GET_VRING_BASE,
+        Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_VRING_ENABLE,
+        Request.SEND_RARP, Request.NET_SET_MTU, Request.RESET_DEVICE, Request.ADD_MEM_REG,
+        Request.REM_MEM_REG, Request.SET_STATUS}
+
+
+@pytest.mark.parametrize("req", OWNED, ids=lambda r: r.name)
+def test_owner_requests_refused_before_set_owner(session, req, caplog):
+    session.set_protocol_features(OFFERED_PROTOCOL_FEATURES)  # REPLY_ACK: the refusal is a NACK
+    state = REQUEST_TABLE[req].parse is VringState.unpack
+    payload = _PAYLOADS.get(req, struct.pack("=II", 0, 1) if state else pack_u64(0))
+    fd = eventfd()
+    fds = [fd] if REQUEST_TABLE[req].fds[1] else []
+    before = list(session.device.log)
+    with caplog.at_level(logging.WARNING):
+        reply = _send(session, req, payload, fds)
+    always = REQUEST_TABLE[req].reply.value == "always"
+    assert reply[12:] == (b"" if always else pack_u64(1))
+    assert session.errors == 1 and f"{req.name} before SET_OWNER" in caplog.text
+    assert session.device.log == before, "the device was touched"
+    assert fds == [] or fd.fd == -1 or not is_open(fd.fd), "the refused request's fd stayed open"
+    fd.close()
+
+
+QEMU_PRE_OWNER = [(Request.GET_FEATURES, b""), (Request.GET_PROTOCOL_FEATURES, b""),
+                  (Request.SET_PROTOCOL_FEATURES, pack_u64(OFFERED_PROTOCOL_FEATURES)),
+                  (Request.GET_QUEUE_NUM, b""), (Request.GET_MAX_MEM_SLOTS, b""), (Request.GET_STATUS, b"")]
+DPDK_PRE_OWNER: list = []  # DPDK's virtio-user (and rust-vmm's frontends) send SET_OWNER first
+
+
+@pytest.mark.parametrize("pre", [QEMU_PRE_OWNER, DPDK_PRE_OWNER], ids=["qemu", "dpdk"])
+def test_real_frontends_sequences_are_served(session, pre):
+    for req, payload in pre:
+        reply = _send(session, req, payload)
+        assert reply is None or len(reply) > 12 or req is Request.SET_PROTOCOL_FEATURES, req.name
+    assert session.errors == 0
+    for req, payload in [(Request.SET_OWNER, b""), (Request.GET_FEATURES, b""),
+                         (Request.SET_FEATURES, pack_u64(bit(F_VERSION_1) | bit(F_PROTOCOL_FEATURES))),
+                         (Request.SET_VRING_NUM, struct.pack("=II", 0, 256)),
+                         (Request.SET_VRING_ADDR, _PAYLOADS[Request.SET_VRING_ADDR])]:
+        _send(session, req, payload)
+    assert session.errors == 0 and session.owner and session.vrings[0].num == 256
+
+
+def test_reset_owner_then_a_new_set_up(session):
+    """RESET_OWNER (acked: the frontend negotiated REPLY_ACK before it) ends the
+    ownership; the next set-up needs SET_OWNER again and then works."""
+    _send(session, Request.SET_PROTOCOL_FEATURES, pack_u64(OFFERED_PROTOCOL_FEATURES))
+    _send(session, Request.SET_OWNER)
+    _send(session, Request.SET_FEATURES, pack_u64(bit(F_VERSION_1)))
+    assert _send(session, Request.RESET_OWNER)[12:] == pack_u64(0)
+    assert _send(session, Request.SET_FEATURES, pack_u64(bit(F_VERSION_1))) is None  # no REPLY_ACK any more
+    assert session.errors == 1 and session.features == 0
+    _send(session, Request.SET_PROTOCOL_FEATURES, pack_u64(OFFERED_PROTOCOL_FEATURES))
+    assert _send(session, Request.SET_OWNER)[12:] == pack_u64(0)
+    assert _send(session, Request.SET_FEATURES, pack_u64(bit(F_VERSION_1)))[12:] == pack_u64(0)
+    assert session.features == bit(F_VERSION_1) and session.errors == 1
 
 
 @pytest.mark.parametrize("how", ["status", "reset_device"])

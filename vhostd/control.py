@@ -24,7 +24,7 @@ from vhostd import tap as taplib
 from vhostd.capture import BACKLOG_LIMIT, DRAIN_INTERVAL_S, MAX_SNAPLEN, Capture, pcap_header
 from vhostd.config import port_from_dict
 from vhostd.errors import SetupError, VhostError
-from vhostd.metrics import dirty_log, render
+from vhostd.metrics import dirty_log, render_async
 from vhostd.ringstate import port_rings
 from vhostd.stats import totals
 from vhostd.unixsock import bind_unix
@@ -166,7 +166,7 @@ class ControlServer:
         if cmd == "rings":
             return {"ok": True, "rings": [port_rings(p) for p in _select(ports, req.get("port"))]}
         if cmd == "metrics":
-            return {"ok": True, "text": render(self.daemon)}
+            return {"ok": True, "text": await render_async(self.daemon)}
         if cmd == "add-port":
             fields = {k: v for k, v in (req.get("port") or {}).items() if v is not None}
             cfg = port_from_dict(fields, "add-port", self.daemon.config.socket_defaults)

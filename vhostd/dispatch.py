@@ -3,7 +3,7 @@
 One row per request (data, not code): the Session method that handles it (None:
 answered as unsupported), the payload parser, how many fds it may carry and
 whether it always replies. `dispatch` does the generic checks between syntax
-(protocol.py) and meaning (session.py): payload parse, fd count, vring index;
+(protocol.py) and meaning (session.py): payload parse, owner, fd count, vring index;
 it turns a SET_VRING_KICK/CALL/ERR payload and its fds into (index, fd or None).
 `serve` is one frontend connection's loop: message, dispatch, reply.
 
@@ -76,33 +76,46 @@ class Row:
     fds: tuple[int, int] = (0, 0)
     reply: Reply = Reply.ACK
     vring: bool = False  # payload carries a vring index to range-check
+    owner: bool = False  # refused until SET_OWNER (see above REQUEST_TABLE)
 
 
 R = Request
 S = Session
 _ALWAYS = Reply.ALWAYS
 
+# owner=True: refused until SET_OWNER. The vhost-user spec: SET_OWNER is "issued when
+# a new connection is established. It marks the front-end as the owner of the
+# session" (the "session start"). Only requests that change or act on the device
+# need it: features, memory, dirty log, ring state and fds (GET_VRING_BASE stops a
+# ring), RARP, MTU, status and reset. The negotiation that real frontends send
+# before SET_OWNER stays open: QEMU's vhost_user_backend_init sends GET_FEATURES,
+# GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS (and
+# SET_BACKEND_REQ_FD) before vhost_dev_init's SET_OWNER; the read-only GET_STATUS
+# is answered too. DPDK's virtio-user and rust-vmm's frontends send SET_OWNER
+# first. SET_OWNER twice is accepted (libvhost-user and DPDK's backend do), and
+# RESET_OWNER ends the ownership (Session.reset_owner).
+
 REQUEST_TABLE: dict[Request, Row] = {
     R.GET_FEATURES: Row(S.get_features, unpack_empty, reply=_ALWAYS),
-    R.SET_FEATURES: Row(S.set_features, unpack_u64),
+    R.SET_FEATURES: Row(S.set_features, unpack_u64, owner=True),
     R.SET_OWNER: Row(S.set_owner, unpack_empty),
     R.RESET_OWNER: Row(S.reset_owner, unpack_empty),
-    R.SET_MEM_TABLE: Row(S.set_mem_table, unpack_mem_table, fds=(1, 8)),
-    R.SET_LOG_BASE: Row(S.set_log_base, LogArea.unpack, fds=(0, 1), reply=_ALWAYS),
-    R.SET_LOG_FD: Row(S.set_log_fd, unpack_raw, fds=(0, 1)),
-    R.SET_VRING_NUM: Row(S.set_vring_num, VringState.unpack, vring=True),
-    R.SET_VRING_ADDR: Row(S.set_vring_addr, VringAddr.unpack, vring=True),
-    R.SET_VRING_BASE: Row(S.set_vring_base, VringState.unpack, vring=True),
-    R.GET_VRING_BASE: Row(S.get_vring_base, VringState.unpack, reply=_ALWAYS, vring=True),
-    R.SET_VRING_KICK: Row(S.set_vring_kick, VringFile.unpack, fds=(0, 1), vring=True),
-    R.SET_VRING_CALL: Row(S.set_vring_call, VringFile.unpack, fds=(0, 1), vring=True),
-    R.SET_VRING_ERR: Row(S.set_vring_err, VringFile.unpack, fds=(0, 1), vring=True),
+    R.SET_MEM_TABLE: Row(S.set_mem_table, unpack_mem_table, fds=(1, 8), owner=True),
+    R.SET_LOG_BASE: Row(S.set_log_base, LogArea.unpack, fds=(0, 1), reply=_ALWAYS, owner=True),
+    R.SET_LOG_FD: Row(S.set_log_fd, unpack_raw, fds=(0, 1), owner=True),
+    R.SET_VRING_NUM: Row(S.set_vring_num, VringState.unpack, vring=True, owner=True),
+    R.SET_VRING_ADDR: Row(S.set_vring_addr, VringAddr.unpack, vring=True, owner=True),
+    R.SET_VRING_BASE: Row(S.set_vring_base, VringState.unpack, vring=True, owner=True),
+    R.GET_VRING_BASE: Row(S.get_vring_base, VringState.unpack, reply=_ALWAYS, vring=True, owner=True),
+    R.SET_VRING_KICK: Row(S.set_vring_kick, VringFile.unpack, fds=(0, 1), vring=True, owner=True),
+    R.SET_VRING_CALL: Row(S.set_vring_call, VringFile.unpack, fds=(0, 1), vring=True, owner=True),
+    R.SET_VRING_ERR: Row(S.set_vring_err, VringFile.unpack, fds=(0, 1), vring=True, owner=True),
     R.GET_PROTOCOL_FEATURES: Row(S.get_protocol_features, unpack_empty, reply=_ALWAYS),
     R.SET_PROTOCOL_FEATURES: Row(S.set_protocol_features, unpack_u64),
     R.GET_QUEUE_NUM: Row(S.get_queue_num, unpack_empty, reply=_ALWAYS),
-    R.SET_VRING_ENABLE: Row(S.set_vring_enable, VringState.unpack, vring=True),
-    R.SEND_RARP: Row(S.send_rarp, unpack_u64),
-    R.NET_SET_MTU: Row(S.net_set_mtu, unpack_u64),
+    R.SET_VRING_ENABLE: Row(S.set_vring_enable, VringState.unpack, vring=True, owner=True),
+    R.SEND_RARP: Row(S.send_rarp, unpack_u64, owner=True),
+    R.NET_SET_MTU: Row(S.net_set_mtu, unpack_u64, owner=True),
     R.SET_BACKEND_REQ_FD: Row(None, unpack_raw, fds=(0, 1)),
     R.IOTLB_MSG: Row(None, unpack_raw),
     R.SET_VRING_ENDIAN: Row(None, unpack_raw),
@@ -116,13 +129,13 @@ REQUEST_TABLE: dict[Request, Row] = {
     R.GET_INFLIGHT_FD: Row(None, unpack_raw, reply=_ALWAYS),
     R.SET_INFLIGHT_FD: Row(None, unpack_raw, fds=(0, 1)),
     R.GPU_SET_SOCKET: Row(None, unpack_raw, fds=(0, 1)),
-    R.RESET_DEVICE: Row(S.reset_device, unpack_empty),
+    R.RESET_DEVICE: Row(S.reset_device, unpack_empty, owner=True),
     R.VRING_KICK: Row(None, unpack_raw),
     R.GET_MAX_MEM_SLOTS: Row(S.get_max_mem_slots, unpack_empty, reply=_ALWAYS),
-    R.ADD_MEM_REG: Row(S.add_mem_reg, unpack_single_region, fds=(0, 1)),
+    R.ADD_MEM_REG: Row(S.add_mem_reg, unpack_single_region, fds=(0, 1), owner=True),
     # QEMU attaches the region's fd to REM_MEM_REG as well (vhost-user.c send_remove_regions).
-    R.REM_MEM_REG: Row(S.rem_mem_reg, unpack_single_region, fds=(0, 1)),
-    R.SET_STATUS: Row(S.set_status, unpack_u64),
+    R.REM_MEM_REG: Row(S.rem_mem_reg, unpack_single_region, fds=(0, 1), owner=True),
+    R.SET_STATUS: Row(S.set_status, unpack_u64, owner=True),
     R.GET_STATUS: Row(S.get_status, unpack_empty, reply=_ALWAYS),
     R.GET_SHARED_OBJECT: Row(None, unpack_raw, reply=_ALWAYS),
     R.SET_DEVICE_STATE_FD: Row(None, unpack_raw, fds=(0, 1), reply=_ALWAYS),
@@ -171,6 +184,10 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
     the connection lives on. Every fd not taken by a handler is closed here.
     """
     name = request_name(header.request)
+    # REPLY_ACK as it was when the request came: RESET_OWNER clears the protocol
+    # features, and the frontend that asked still waits for its ack. (Or as the request
+    # left it: a SET_PROTOCOL_FEATURES that acks REPLY_ACK is answered, as before.)
+    acking = session.protocol_acked(ProtocolFeature.REPLY_ACK)
     try:
         row = REQUEST_TABLE.get(header.request)  # type: ignore[call-overload]
         if row is None or row.handler is None:
@@ -179,6 +196,8 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
             body = row.parse(payload)
         except ProtocolError as exc:
             raise ProtocolError(f"{name}: {exc}") from None
+        if row.owner and not session.owner:
+            raise RequestError(f"{name} before SET_OWNER")
         lo, hi = row.fds
         if not lo <= len(fds) <= hi:
             raise RequestError(f"{name}: {len(fds)} fds attached, expected {lo}..{hi}")
@@ -201,7 +220,7 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
         log_fn("%s", exc if str(exc).startswith(name) else f"{name}: {exc}")
         if row is not None and row.reply is Reply.ALWAYS:
             return pack_message(header.request, b"")  # size 0: the frontend sees a failed request
-        if header.need_reply and session.protocol_acked(ProtocolFeature.REPLY_ACK):
+        if header.need_reply and (acking or session.protocol_acked(ProtocolFeature.REPLY_ACK)):
             return pack_message(header.request, ACK_FAIL)
         return None
     except BaseException:
@@ -209,7 +228,7 @@ async def dispatch(session, header: Header, payload: bytes, fds: list[OwnedFd]) 
         raise
     if row.reply is Reply.ALWAYS:
         return pack_message(header.request, result)
-    if header.need_reply and session.protocol_acked(ProtocolFeature.REPLY_ACK):
+    if header.need_reply and (acking or session.protocol_acked(ProtocolFeature.REPLY_ACK)):
         return pack_message(header.request, ACK_OK)
     return None
 

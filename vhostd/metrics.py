@@ -8,7 +8,9 @@ Names (docs: README "Metrics"):
   vhostd_calls_total, vhostd_calls_suppressed_total,
   vhostd_dropped_packets_total (also reason: ring_full, tap_busy, ...), and the
   histogram vhostd_burst_size (descriptor chains per burst);
-- per port, label port: vhostd_port_info (tap, netns, mtu, mac, mode, value 1),
+- per port, label port: vhostd_port_info (tap, netns, mtu, mac, mode, value 1;
+  mac is the TAP's address as the kernel reports it at the scrape, "" if the
+  TAP cannot be read),
   vhostd_port_up, vhostd_port_failed, vhostd_port_connected,
   vhostd_port_connections_total, vhostd_port_queue_pairs(_enabled),
   vhostd_port_memory_bytes, vhostd_port_request_errors_total,
@@ -29,6 +31,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from vhostd import __version__
+from vhostd import tap as taplib
 from vhostd.config import listen_url, parse_listen
 from vhostd.errors import SetupError
 from vhostd.stats import BATCH_BUCKETS, DROP_COUNTERS, HELP
@@ -53,10 +56,12 @@ def dirty_log(port) -> dict:
 
 
 class DaemonCollector:
-    """Reads the daemon's ports at each scrape (no state of its own)."""
+    """Reads the daemon's ports at each scrape (no state of its own). `macs`: each
+    port's TAP address as the kernel reported it for this scrape (kernel_macs)."""
 
-    def __init__(self, daemon):
+    def __init__(self, daemon, macs: dict[str, str] | None = None):
         self.daemon = daemon
+        self.macs = macs or {}
 
     def collect(self):
         d = self.daemon
@@ -94,10 +99,10 @@ class DaemonCollector:
         for p in ports:
             c = p.config
             mtu = p.device.mtu if p.device else (c.mtu or "")
-            info.add_metric([p.name, c.tap, c.netns or "", str(mtu), c.mac or "", "client" if c.client else "server",
-                             c.socket or f"fd {c.fd}"], 1)
+            info.add_metric([p.name, c.tap, c.netns or "", str(mtu), self.macs.get(p.name, ""),
+                             "client" if c.client else "server", c.socket or f"fd {c.fd}"], 1)
         for name, (c, _why) in failed.items():
-            info.add_metric([name, c.tap, c.netns or "", str(c.mtu or ""), c.mac or "",
+            info.add_metric([name, c.tap, c.netns or "", str(c.mtu or ""), self.macs.get(name, ""),
                              "client" if c.client else "server", c.socket or f"fd {c.fd}"], 1)
         yield info
         up = GaugeMetricFamily("vhostd_port_up", "1 if the port is set up and serving (listening or connecting)",
@@ -152,17 +157,39 @@ class DaemonCollector:
         yield build
 
 
-def registry(daemon) -> CollectorRegistry:
+def registry(daemon, macs: dict[str, str] | None = None) -> CollectorRegistry:
     """The daemon's collector and the standard process metrics."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(DaemonCollector(daemon))
+    reg.register(DaemonCollector(daemon, macs))
     ProcessCollector(registry=reg)
     return reg
 
 
-def render(daemon) -> str:
+def kernel_macs(taps: list[tuple[str, str, str | None]]) -> dict[str, str]:
+    """(port, tap, netns) -> the TAP's MAC as the kernel reports it now: the address
+    the host side really uses (a configured --mac, or the kernel's random one, or
+    one an operator set with `ip link` since), not the configuration. "" when the
+    TAP cannot be read (a failed port's TAP may not exist). Blocking netlink: run
+    it in a thread (render_async)."""
+    out = {}
+    for port, tap, netns in taps:
+        try:
+            out[port] = taplib.link_info(tap, netns)["mac"] or ""
+        except (SetupError, OSError):
+            out[port] = ""
+    return out
+
+
+def render(daemon, macs: dict[str, str] | None = None) -> str:
     """Prometheus text format 0.0.4 (a registry per scrape: it holds no state)."""
-    return generate_latest(registry(daemon)).decode()
+    return generate_latest(registry(daemon, macs)).decode()
+
+
+async def render_async(daemon) -> str:
+    """render() with the TAPs' MACs read from the kernel first, off the event loop."""
+    taps = [(p.name, p.config.tap, p.config.netns) for p in daemon.ports.values()]
+    taps += [(name, c.tap, c.netns) for name, (c, _why) in getattr(daemon, "failed", {}).items()]
+    return render(daemon, await asyncio.to_thread(kernel_macs, taps))
 
 
 MAX_CLIENTS = 16          # connections served at once; more are closed at once
@@ -215,7 +242,7 @@ class MetricsServer:
             request = await asyncio.wait_for(self._read_request(reader), REQUEST_DEADLINE_S)
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body, status = render(self.daemon).encode(), "200 OK"
+                body, status = (await render_async(self.daemon)).encode(), "200 OK"
                 ctype = CONTENT_TYPE
             else:
                 body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"

@@ -51,9 +51,11 @@ class Session:
         self.vrings = [Vring(i) for i in range(2 * device.queue_pairs)]
         self.features = 0
         self.protocol_features = 0
-        self._ignored_logged = False  # offloads ignored: logged once per connection
-        # SET_OWNER is recorded (not enforced yet). SET_STATUS is echoed by
-        # GET_STATUS; status 0 (and RESET_DEVICE) reset the device.
+        # Offloads ignored: logged once per device life (a reset lets it log again).
+        self._ignored_logged = False
+        # SET_OWNER starts the session: dispatch refuses the requests that act on the
+        # device until then (Row.owner). SET_STATUS is echoed by GET_STATUS; status 0
+        # (and RESET_DEVICE) reset the device.
         self.owner = False
         self.status = 0
         self.errors = 0
@@ -193,14 +195,23 @@ class Session:
         self.owner = True
 
     def reset_owner(self) -> None:
-        """Deprecated RESET_OWNER: back to the state of a fresh connection."""
+        """Deprecated RESET_OWNER: back to the state of a fresh connection. The spec
+        recommends that back-ends "either ignore this message, or use it to reset all
+        state"; we reset all of it: rings stopped and their kick/call/err fds closed,
+        memory unmapped and its fds closed, the dirty log unmapped and its fd closed,
+        virtio and protocol features, status and the ownership itself cleared. A new
+        set-up starts with SET_OWNER again, as on a new connection."""
         self._reset_device()
         self._drop_log_fd()
         self._features_acked = False
+        self._ignored_logged = False
+        self._resync_pending.clear()
         self.vrings = [Vring(i) for i in range(2 * self.device.queue_pairs)]
         self.features = 0
+        self.protocol_features = 0
+        self.status = 0
         self.owner = False
-        self.log.info("device reset by frontend")
+        self.log.info("device reset by frontend (RESET_OWNER)")
 
     async def net_set_mtu(self, mtu: int) -> None:
         """NET_SET_MTU (protocol feature NET_MTU): the MTU QEMU exposes to the guest
@@ -245,6 +256,7 @@ class Session:
         self.features = 0
         self.status = 0
         self._resync_pending.clear()
+        self._ignored_logged = False  # the next SET_FEATURES is a new driver's: log it again
         self.log.info("device reset (%s)", why)
 
     def get_status(self) -> bytes:

@@ -163,8 +163,15 @@ def prefix_noack(fe: Frontend) -> None:
     fe.set_owner()
 
 
+def prefix_preowner(fe: Frontend) -> None:
+    """What QEMU sends before SET_OWNER (vhost_user_backend_init), and no SET_OWNER."""
+    fe.get_features()
+    fe.set_protocol_features(fe.get_protocol_features() & ACK_PF)
+    fe.get_queue_num()
+
+
 PREFIXES = {"raw": lambda fe: None, "ack": prefix_ack, "noack": prefix_noack, "mem": prefix_mem,
-            "packed": prefix_packed}
+            "packed": prefix_packed, "preowner": prefix_preowner}
 
 
 # ------------------------------------------------------------------------- cases
@@ -428,6 +435,23 @@ for mtu in (0, 67, 65536):
          f"MTU {mtu} out of range")
 
 
+# --- ownership (dispatch.py Row.owner): what acts on the device waits for SET_OWNER ---
+for req, payload, outcome, fds in (
+        (C.SET_FEATURES, pack_u64(SPLIT_FEATURES), "nack", lambda: []),
+        (C.SET_MEM_TABLE, pack_mem_table([R1]), "nack", lambda: [memfd()]),
+        (C.ADD_MEM_REG, pack_u64(0) + pack_region(*R1), "nack", lambda: [memfd()]),
+        (C.SET_VRING_NUM, pack_vring_state(0, 256), "nack", lambda: []),
+        (C.GET_VRING_BASE, pack_vring_state(0, 0), "empty", lambda: []),
+        (C.SET_VRING_KICK, pack_u64(0), "nack", lambda: [eventfd()]),
+        (C.SET_VRING_CALL, pack_u64(0), "nack", lambda: [eventfd()]),
+        (C.SET_LOG_BASE, pack_u64(4096) + pack_u64(0), "empty", lambda: [memfd()]),
+        (C.SEND_RARP, bytes.fromhex("525400000001") + b"\0\0", "nack", lambda: []),
+        (C.NET_SET_MTU, pack_u64(1500), "nack", lambda: []),
+        (C.SET_STATUS, pack_u64(0xF), "nack", lambda: [])):
+    name = C.REQUEST_NAMES[req]
+    case(f"{name}-before-SET_OWNER", "owner required", req, msg(req, payload), outcome,
+         f"{name} before SET_OWNER", prefix="preowner", fds=fds)
+
 # --- without REPLY_ACK: refused silently (one log line), the connection lives on ---
 case("noack-vring-index", "no REPLY_ACK: refused without reply", C.SET_VRING_NUM,
      msg(C.SET_VRING_NUM, pack_vring_state(0x1_0000, 256)), "silent", "vring index 0x10000 out of range",
@@ -558,6 +582,57 @@ def test_repeated_vring_fds_and_owner_release_the_previous(env):
     finally:
         fe.close()
         mem.close()
+    wait_until(lambda: fd_count(pid) == base_fds, "release on disconnect")
+
+
+def test_reset_owner_leaves_nothing_behind_and_a_new_set_up_carries_traffic(env):
+    """RESET_OWNER on a running port with a dirty log: memory and log unmapped, every
+    fd it was handed closed, features and ownership gone (a device request is refused
+    until SET_OWNER); then a full set-up on the same connection carries traffic."""
+    d = env.d
+    pid = d.proc.pid
+    base_fds = idle_fds(env)
+    g = Guest(d.socket, mem=GuestMemory(32 * MB, name="hm-reset-ram"))
+    log = memfd(4096)
+    try:
+        g.setup()
+        sock = packet_socket(env.netns, d.tap)
+        g.send([frame(1, 200)])
+        assert list(collect(sock, 1)) == [1]
+        rep = g.fe.set_log_base(log, 4096)
+        assert rep.u64() == 0
+        e = eventfd()
+        g.fe.set_log_fd(e)
+        os.close(e)
+        assert maps_of(pid, "hm-reset-ram") >= 1 and maps_of(pid, "hm-mem") == 1
+        g.fe.reset_owner(need_reply=True)     # REPLY_ACK was negotiated: acked
+        # the connection socket is all that is left of this frontend
+        wait_until(lambda: fd_count(pid) == base_fds + 1, "RESET_OWNER to close every fd it was handed")
+        assert maps_of(pid, "hm-reset-ram") == 0 and maps_of(pid, "hm-mem") == 0, "a mapping stayed"
+        port = next(p for p in json.loads(vhostctl(d, "ports", "--json").stdout) if p["name"] == d.tap)
+        fe_info = port["frontend"]
+        assert fe_info["features"] == 0 and fe_info["protocol_features"] == 0
+        assert fe_info["memory_regions"] == 0 and not fe_info["dirty_log"]["log_bytes"]
+        assert not any(v["started"] or v["enabled"] for v in fe_info["vrings"])
+        # ownership ended with it; the protocol features too, so the refusal is silent
+        g.fe.ack_all = False
+        g.fe.set_features(SPLIT_FEATURES, need_reply=False)
+        assert g.fe.ping()
+        assert "SET_FEATURES before SET_OWNER" in d.log()
+        g.fe.ack_all = True
+        # a full set-up again, same connection, same rings (resumed at their used idx)
+        g.setup()
+        g.send([frame(2, 200), frame(3, 300)])
+        assert sorted(collect(sock, 2)) == [2, 3]
+        g.post_rx(2)
+        sock.send(frame(7, 300, b"RST"))
+        got: list = []
+        while not any(marker_of(u.data[HDR:], b"RST") == 7 for u in got):
+            got += g.rx.wait_used(1)
+        sock.close()
+    finally:
+        g.close()
+        os.close(log)
     wait_until(lambda: fd_count(pid) == base_fds, "release on disconnect")
 
 

@@ -23,6 +23,12 @@ from tests.daemon.traffic import Guest, collect, frame
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
+def kernel_mac(netns: str, ifname: str) -> str:
+    r = subprocess.run(["ip", "-n", netns, "-j", "link", "show", "dev", ifname], capture_output=True, text=True,
+                       check=True)
+    return json.loads(r.stdout)[0]["address"]
+
+
 def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,6 +179,7 @@ def test_many_ports_stats_json_metrics_and_watch(config_daemon, netns):
             assert ("vhostd_port_up", (("port", "vop1"),)) in samples
             info = [k for k in samples if k[0] == "vhostd_port_info" and dict(k[1])["port"] == "vop1"]
             assert len(info) == 1 and {"tap", "netns", "mtu", "mac", "mode"} <= set(dict(info[0][1]))
+            assert dict(info[0][1])["mac"] == kernel_mac(netns, "vop1")  # none configured: the kernel's
             assert any(name.startswith("process_") for name, _ in samples)  # the standard process metrics
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{mport}/other", timeout=5)
@@ -192,6 +199,13 @@ def test_many_ports_stats_json_metrics_and_watch(config_daemon, netns):
         assert len(rates) == 2 and max(rates) > 0
         top = d.ctl("top", "--interval", "0.2", "--count", "1")
         assert top.returncode == 0 and "vhostd top" in top.stdout and "ports 2 (2 connected)" in top.stdout
+
+        # vhostd_port_info's mac follows the kernel: an address set behind vhostd's back shows at the next scrape
+        subprocess.run(["ip", "-n", netns, "link", "set", "dev", "vop2", "address", "02:00:00:00:be:ef"], check=True)
+        assert kernel_mac(netns, "vop2") == "02:00:00:00:be:ef"
+        infos = {dict(s.labels)["port"]: dict(s.labels) for fam in text_string_to_metric_families(d.ctl("metrics").stdout)
+                 if fam.name == "vhostd_port_info" for s in fam.samples}
+        assert infos["vop2"]["mac"] == "02:00:00:00:be:ef" and infos["vop1"]["mac"] == kernel_mac(netns, "vop1")
     finally:
         g1.close()
         g2.close()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the minimal test guest used by the vhostd end-to-end tests and the demo:
 #   OUTDIR/vmlinuz            Debian's cloud kernel (virtio_net is a module there)
-#   OUTDIR/initramfs.cpio.gz  busybox + virtio-net modules + /init
+#   OUTDIR/initramfs.cpio.gz  busybox + virtio-net (and virtio-mem) modules + /init
 #   OUTDIR/guest.stamp        what was built (kernel package, version, recipe hash)
 #
 # Usage: scripts/build-guest.sh [OUTDIR]
@@ -33,7 +33,7 @@ die() { log "error: $*"; exit 1; }
 OUTDIR=${1:-${VHOSTD_GUEST_DIR:-/var/cache/vhostd/guest}}
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-         failover net_failover virtio_net)
+         failover net_failover virtio_net virtio_mem)
 
 [ "$(id -u)" = 0 ] || die "must run as root"
 export DEBIAN_FRONTEND=noninteractive

@@ -12,6 +12,7 @@ region count in `vhostctl ports` after each plug and the guest's MemTotal, then
 unplugs UNPLUG of them (device_del; the guest offlines and ejects; QEMU sends
 REM_MEM_REG), checks the count and that vhostd unmapped them and closed their
 fds, and lets the guest download on. Every round's sha256 must be right.
+A second test resizes a virtio-mem-pci device over QMP under the same traffic.
 """
 from __future__ import annotations
 
@@ -202,6 +203,77 @@ def test_dimm_hotplug_beyond_eight_regions_and_unplug(guest_image, netns, sock_d
         log = d.stderr()
         assert log.count("memory region added: ") == DIMMS + 1, context()
         assert log.count("memory region removed: ") == UNPLUG, context()
+        qmp.close()
+    finally:
+        if q is not None:
+            q.kill()
+            q.cleanup()
+        d.kill()
+
+
+VMEM_MB = 1024
+
+
+def test_virtio_mem_resized_over_qmp(guest_image, netns, sock_dir, http_server):
+    """virtio-mem-pci with vhost-user: QEMU maps the device's whole memory region
+    (1 GiB) for the backend once (one more region: ADD_MEM_REG), and plugging or
+    unplugging blocks inside it by changing requested-size sends vhostd nothing
+    (the region stays mapped; unplugged blocks are discarded in QEMU). The guest's
+    virtio_mem driver grows to 512 MiB, then shrinks to 256 MiB while it downloads."""
+    ns = g.NetNS(netns)
+    control = os.path.join(sock_dir, "vhostd.ctl")
+    d = Vhostd(os.path.join(sock_dir, "vhostd.sock"), netns, control=control, logdir=sock_dir)
+    d.start()
+    q = None
+    try:
+        g.wait_for_socket(d.socket_path, timeout=30, proc=d)
+        ns.configure_tap(TAP, timeout=20, proc=d)
+        srv = http_server(size=FILE_SIZE)
+        qmp_path = os.path.join(sock_dir, "qmp.sock")
+        q = HotplugQemu(guest_image, d.socket_path, qmp=qmp_path,
+                        test_script=script(srv.url, f"http://{g.HOST_IP}:{srv.port}/stop"))
+        q.extra_args += ["-object", f"memory-backend-memfd,id=vmem0,size={VMEM_MB}M,share=on",
+                         "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0"]
+        q.start()
+
+        def context() -> str:
+            return d.describe() + "\n--- guest console ---\n" + g.tail(q.log, 30)
+
+        def rounds() -> dict[int, tuple[str, int]]:
+            return {int(n): (s, int(m)) for n, s, m in _ROUND.findall(q.log)}
+
+        def regions() -> int:
+            return vhostctl(control, "ports")[0]["frontend"]["memory_regions"]
+
+        qmp = EventQmp(qmp_path)
+        assert q.wait_for(r"VHOSTD-ROUND=1 ", 180), context()
+        assert regions() == 2, context()          # base RAM + the virtio-mem region
+        mem0 = rounds()[max(rounds())][1]
+        figures = []
+        for want_mb in (512, 256):
+            t0 = time.monotonic()
+            qmp.cmd("qom-set", path="/machine/peripheral/vm0", property="requested-size", value=want_mb << 20)
+            deadline = time.monotonic() + 60
+            while qmp.cmd("qom-get", path="/machine/peripheral/vm0", property="size") != want_mb << 20:
+                assert time.monotonic() < deadline, f"virtio-mem did not reach {want_mb} MiB\n" + context()
+                time.sleep(0.2)
+            took = time.monotonic() - t0
+            start = max(rounds())
+            assert q.wait_for(rf"VHOSTD-ROUND={start + 2} ", 120), context()
+            mem = rounds()[start + 2][1]
+            figures.append(f"{want_mb} MiB in {took:.1f} s, guest MemTotal {mem >> 10} MiB")
+            assert mem - mem0 == want_mb << 10, context()
+            assert regions() == 2, context()
+        print(f"\n[e2e] virtio-mem: {'; '.join(figures)} (from {mem0 >> 10} MiB); vhostd regions 2 throughout",
+              file=sys.stderr)
+        (srv.directory / "stop").write_text("stop\n")
+        res = q.wait(timeout=120)
+        got = rounds()
+        bad = {n: s for n, (s, _) in got.items() if s != srv.sha256}
+        assert res.ok, res.describe() + "\n" + context()
+        assert not bad and len(got) >= 5, f"{bad}\n{context()}"
+        log = d.stderr()
+        assert log.count("memory region added: ") == 2 and "memory region removed" not in log, context()
         qmp.close()
     finally:
         if q is not None:

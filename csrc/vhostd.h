@@ -251,12 +251,20 @@ uint64_t vr_qp_log_overflow(struct vr_qp *qp);
  * clean stop). seq is odd while the worker writes and even after: an odd seq
  * read after a crash means the positions are torn. Positions as
  * SET/GET_VRING_BASE halves: split free-running index, packed slot | wrap << 15.
+ *
+ * A packed ring also stores, in one 32-bit store before the flag that publishes
+ * a batch of used descriptors, the batch's first position (low half) and the used
+ * position after the batch (high half). A daemon killed between that flag and the
+ * next publish leaves `used` one batch behind what the driver already took; the
+ * next daemon reads the flag at the batch's first slot: still the driver's
+ * available descriptor of that lap means the batch was never published (resume
+ * at its first position), anything else that it was (resume after it).
  */
 struct vr_vq_saved {
     uint64_t seq;
     uint16_t avail;
     uint16_t used;
-    uint32_t pad;
+    uint32_t batch;     /* packed: first slot | used position after, see below */
 };
 
 /* Where vq `which` publishes its positions (NULL: nowhere). Paused only. */

@@ -352,7 +352,14 @@ static void vr_packed_flush(struct vr_qp *qp, struct vr_vq *vq)
 
     if (!vq->used_pending)
         return;
-    /* release: every id/len of the batch before the first descriptor's flags. */
+    /* For a restarted daemon: where this batch starts and ends, before its flag
+     * (struct vr_vq_saved, csrc/vhostd.h). */
+    if (vq->saved)
+        __atomic_store_n(&vq->saved->batch,
+                         vr_pos(vq->pending_slot, !!(vq->pending_flags & VRING_PACKED_DESC_F_AVAIL)) |
+                         vr_pos(vq->used_idx, vq->used_wrap) << 16, __ATOMIC_RELAXED);
+    /* release: every id/len of the batch (and the batch record) before the first
+     * descriptor's flags. */
     vr_release_before_used_idx();
     vr_st16(&vq->pdesc[vq->pending_slot].flags, vq->pending_flags);
     /* Marked again after this store: push() marked it before the flags were written,

@@ -113,6 +113,8 @@ class FakeDevice:
         self.log.append(("apply", vring.index, vring.started, vring.enabled, base, fds, before_open))
         return self._maps(vring)
 
+    saved = None  # no packed-ring restart state (saved_rings)
+
     def stop_vring(self, vring):
         self.log.append(("stop", vring.index))
         return 0x1234

@@ -25,6 +25,7 @@ from vhostd.fds import OwnedFd, close_all
 from vhostd.memory import GuestMemory, MappedRegion
 from vhostd.native import BROKEN_REASONS, RX, TX, check, ffi, lib
 from vhostd.protocol import VringAddr
+from vhostd.saved_rings import RingIdentity, SavedRings
 from vhostd.stats import VQ_COUNTERS, vq_counters
 from vhostd.virtio_net import OFFERED_PROTOCOL_FEATURES, offered_features, tap_offloads, vnet_hdr_len
 from vhostd.vring import Vring
@@ -154,8 +155,16 @@ class NetDevice:
     """A port's virtio-net device: lives as long as the port, across frontends."""
 
     def __init__(self, port: str, tap: taplib.Tap, queue_pairs: int, mtu: int, mtu_configured: bool = False,
-                 tap_io: str = "auto"):
+                 tap_io: str = "auto", saved_path: str | None = None):
         self.port = port
+        # packed rings' positions for a daemon restarted after a crash (saved_rings)
+        self.saved: SavedRings | None = None
+        if saved_path:
+            try:
+                self.saved = SavedRings(saved_path, 2 * queue_pairs)
+            except OSError as exc:
+                log.warning("port %s: no packed-ring restart state (%s: %s): a packed ring will not "
+                            "resume by itself after a crash", port, saved_path, exc.strerror)
         self.tap = tap
         self.queue_pairs = queue_pairs
         self.mtu = mtu
@@ -283,6 +292,8 @@ class NetDevice:
             if base is not None:
                 check(lib.vr_qp_set_base(qp.ptr, vring.which, base), f"vring {vring.index} base {base:#x}")
                 qp.reported_broken[vring.which] = 0  # C cleared a broken ring: log its next break
+            slot = vring.saved_slot if vring.saved_slot is not None else ffi.NULL
+            check(lib.vr_qp_set_saved(qp.ptr, vring.which, slot), f"vring {vring.index} saved positions")
             qp.map()
             return lib.vr_qp_mapped(qp.ptr, vring.which) == 1
 
@@ -305,7 +316,21 @@ class NetDevice:
         with qp.paused():
             check(lib.vr_qp_get_base(qp.ptr, vring.which, base), f"vring {vring.index} base")
             check(lib.vr_qp_set_started(qp.ptr, vring.which, 0), f"vring {vring.index}")
+            check(lib.vr_qp_set_saved(qp.ptr, vring.which, ffi.NULL), f"vring {vring.index} saved positions")
         return base[0]
+
+    def ring_identity(self, vring: Vring) -> RingIdentity | None:
+        """What ties a packed ring's saved positions to this very ring: its size, the
+        guest address of its descriptors and the memory file they are in (the same
+        file is the same QEMU process)."""
+        if vring.addr is None:
+            return None
+        for m in self.mem.regions:
+            r = m.region
+            if r.uva <= vring.addr.desc < r.uva + r.size:
+                st = os.fstat(m.fd.fd)
+                return RingIdentity(vring.num, r.gpa + vring.addr.desc - r.uva, st.st_dev, st.st_ino)
+        return None
 
     def reset(self, keep_memory: bool = False) -> dict[int, int]:
         """Forgets a frontend: every ring idle in C (its fds no longer watched, so the
@@ -320,6 +345,7 @@ class NetDevice:
                 for which in (RX, TX):
                     if lib.vr_qp_get_base(qp.ptr, which, base) == 0:
                         bases[2 * qp.index + which] = base[0]
+                    lib.vr_qp_set_saved(qp.ptr, which, ffi.NULL)
                     qp.reset_vq(which)
                 check(lib.vr_qp_set_log(qp.ptr, 0, 0), "dirty log")
             if not keep_memory:
@@ -375,6 +401,11 @@ class NetDevice:
         if self.log is not None:
             self.log.release()
             self.log = None
+        if self.saved is not None:
+            # kept while a ring is claimed (a daemon stopped or killed under a running
+            # guest is restarted into it); gone once nothing in it is worth anything
+            self.saved.close(remove=self.saved.empty())
+            self.saved = None
         close_all(self._held)
         self.tap.close()
 

@@ -16,10 +16,11 @@ import time
 
 from vhostd import unixsock
 from vhostd import tap as taplib
-from vhostd.config import PortConfig
+from vhostd.config import RUNTIME_DIR, PortConfig
 from vhostd.connection import Connection
 from vhostd.device import NetDevice, io_mode_line
 from vhostd.dispatch import serve
+from vhostd.saved_rings import state_path
 from vhostd.session import Session
 from vhostd.stats import DROP_COUNTERS, totals
 
@@ -65,7 +66,9 @@ class Port:
         try:
             mtu = await asyncio.to_thread(taplib.configure_link, tap, c.mtu, c.mac)
             self.device = NetDevice(self.name, tap, c.queues, mtu, mtu_configured=c.mtu is not None,
-                                    tap_io=c.tap_io)
+                                    tap_io=c.tap_io, saved_path=state_path(
+                                        os.environ.get("VHOSTD_STATE_DIR") or RUNTIME_DIR, self.name,
+                                        c.socket or f"fd-{c.fd}"))
         except BaseException:
             tap.close(remove=tap.created)  # a TAP this failed attempt created goes again
             raise

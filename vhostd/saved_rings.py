@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from vhostd.native import ffi
 
 SLOT = 64
-_C_PART = struct.Struct("=QHHI")            # struct vr_vq_saved
+_C_PART = struct.Struct("=QHHI")            # struct vr_vq_saved: seq, avail, used, batch
 _IDENTITY = struct.Struct("=IIQQQ")         # magic, num, desc gpa, st_dev, st_ino
 _ID_OFFSET = 32
 MAGIC = 0x76727331                          # "vrs1"
@@ -70,23 +70,38 @@ class SavedRings:
         """The struct vr_vq_saved * of vring `index`, for vr_qp_set_saved."""
         return ffi.cast("struct vr_vq_saved *", ffi.addressof(self.buf, SLOT * index))
 
-    def saved(self, index: int, ident: RingIdentity) -> tuple[int, int] | None:
-        """(avail, used) the previous daemon published for this very ring, or None."""
+    def saved(self, index: int, ident: RingIdentity) -> tuple[int | None, int] | None:
+        """What the previous daemon left for this very ring: (used, batch), used None
+        when it was killed while publishing (torn), batch 0 when no batch was
+        flushed since the ring was claimed (struct vr_vq_saved); None when the slot
+        holds another ring or nothing."""
         off = SLOT * index
         magic, num, desc_gpa, dev, ino = _IDENTITY.unpack_from(self.map, off + _ID_OFFSET)
-        seq, avail, used, _ = _C_PART.unpack_from(self.map, off)
-        if magic != MAGIC or RingIdentity(num, desc_gpa, dev, ino) != ident or not seq or seq & 1:
+        seq, _avail, used, batch = _C_PART.unpack_from(self.map, off)
+        if magic != MAGIC or RingIdentity(num, desc_gpa, dev, ino) != ident:
             return None
-        return avail, used
+        return (None if not seq or seq & 1 else used), batch
 
     def claim(self, index: int, ident: RingIdentity) -> None:
-        """The ring now being served: its identity, positions to be written by the worker."""
+        """The ring now being served: its identity, and nothing of the previous
+        daemon's positions (the worker publishes ours once it has the slot)."""
         off = SLOT * index
+        self.map[off:off + _ID_OFFSET] = bytes(_ID_OFFSET)
         _IDENTITY.pack_into(self.map, off + _ID_OFFSET, MAGIC, ident.num, ident.desc_gpa, ident.dev, ident.ino)
 
     def forget(self, index: int) -> None:
         self.map[SLOT * index:SLOT * (index + 1)] = bytes(SLOT)
 
-    def close(self) -> None:
+    def empty(self) -> bool:
+        return not any(self.map[SLOT * i + _ID_OFFSET:SLOT * i + _ID_OFFSET + 4] != bytes(4)
+                       for i in range(self.nvrings))
+
+    def close(self, remove: bool = False) -> None:
+        """Unmaps; with `remove` the file goes too (no ring of it is worth keeping)."""
         del self.buf
         self.map.close()
+        if remove:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

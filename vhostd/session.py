@@ -202,6 +202,7 @@ class Session:
         virtio and protocol features, status and the ownership itself cleared. A new
         set-up starts with SET_OWNER again, as on a new connection."""
         self._reset_device()
+        self._forget_saved(self.vrings)
         self._drop_log_fd()
         self._features_acked = False
         self._ignored_logged = False
@@ -246,6 +247,7 @@ class Session:
         negotiated protocol features and the memory table (the frontend's memory
         does not change with the device's state; it sends a new table if it does)."""
         bases = self._reset_device(keep_memory=True)
+        self._forget_saved(self.vrings)
         old, self.vrings = self.vrings, [Vring(i) for i in range(2 * self.device.queue_pairs)]
         # QEMU 7.2 stops a device with SET_STATUS 0 first and GET_VRING_BASE after
         # (vhost_dev_stop): each ring that was set up answers where it stopped, in
@@ -427,9 +429,11 @@ class Session:
         written some to the TAP already: duplicates), on RX their buffers are
         refilled (frames the dead backend had put there but not published are lost).
         """
-        if v.index not in self._resync_pending or self.packed or not v.mapped or v.addr is None:
+        if v.index not in self._resync_pending or not v.mapped or v.addr is None:
             return None
         self._resync_pending.discard(v.index)
+        if self.packed:
+            return self._resume_packed(v)
         used_idx = self._read_used_idx(v.addr.used)
         if used_idx is None or used_idx == v.base:
             return None
@@ -437,6 +441,60 @@ class Session:
                          "restarted with chains in flight?): resuming at %#x", v.index, v.base, used_idx, used_idx)
         v.base = used_idx
         return used_idx
+
+    def _resume_packed(self, v: Vring) -> int | None:
+        """Packed rings: guest memory holds no used index, and after a backend crash
+        QEMU 7.2 resends the positions of its last clean stop only (its packed
+        "restore" does nothing). The worker of the previous daemon published its
+        positions into a file of the runtime directory (saved_rings); when they
+        belong to this very ring (same size, descriptor address and memory file),
+        resume where it had published used descriptors, both halves there (chains
+        taken but not used are taken again, as for split rings). Then this ring is
+        claimed: our worker publishes into its slot from now on."""
+        saved = self.device.saved
+        ident = self.device.ring_identity(v) if saved is not None else None
+        if ident is None:
+            return None
+        rec = saved.saved(v.index, ident)
+        pos = self._packed_position(v, *rec) if rec is not None else None
+        saved.claim(v.index, ident)
+        v.saved_slot = saved.c_slot(v.index)
+        if pos is None or pos | pos << 16 == v.base:
+            return None
+        self.log.warning("vring %d: resuming a packed ring at slot %#x wrap %d where the previous vhostd "
+                         "left it (the frontend's base %#x is from its last clean stop)",
+                         v.index, pos & 0x7FFF, pos >> 15, v.base)
+        v.base = pos | pos << 16
+        return v.base
+
+    def _packed_position(self, v: Vring, used: int | None, batch: int) -> int | None:
+        """The used position the driver has seen (struct vr_vq_saved in csrc/vhostd.h):
+        the last batch's end if the flag of its first descriptor was written, its
+        start if that descriptor still reads as the driver's available one of its lap."""
+        if batch:
+            first, after = batch & 0xFFFF, batch >> 16
+            slot, wrap = first & 0x7FFF, first >> 15
+            if slot >= v.num:
+                return None
+            raw = self.device.mem.pread(v.addr.desc + 16 * slot + 14, 2)  # le16 flags
+            if raw is None:
+                return None
+            flags = int.from_bytes(raw, "little")
+            still_available = bool(flags & 0x80) == bool(wrap) and bool(flags & 0x8000) != bool(wrap)
+            pos = first if still_available else after
+        elif used is not None:
+            pos = used
+        else:
+            return None
+        return pos if (pos & 0x7FFF) < v.num else None
+
+    def _forget_saved(self, vrings) -> None:
+        """These rings' positions are the frontend's again (GET_VRING_BASE, a reset)."""
+        for v in vrings:
+            if v.saved_slot is not None:
+                v.saved_slot = None
+                if self.device.saved is not None:
+                    self.device.saved.forget(v.index)
 
     def _read_used_idx(self, used_uva: int) -> int | None:
         """le16 used->idx, read from the region's file (GuestMemory.pread)."""
@@ -449,6 +507,7 @@ class Session:
             base, v.stopped_at = v.stopped_at, None
             return VringState(state.index, base).pack()
         base = self.device.stop_vring(v)
+        self._forget_saved([v])
         v.started = False
         self.log.debug("vring %d stopped at %#x", v.index, base)
         return VringState(state.index, base).pack()

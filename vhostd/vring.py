@@ -54,6 +54,7 @@ class Vring:
     enabled: bool = False
     mapped: bool = False  # the C side could translate its rings
     stopped_at: int | None = None  # GET_VRING_BASE's answer after a device reset
+    saved_slot: object = None  # packed: struct vr_vq_saved * its worker publishes into (saved_rings)
 
     @property
     def qp(self) -> int:

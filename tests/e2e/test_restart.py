@@ -123,8 +123,10 @@ def _tap_address(ns: g.NetNS) -> str:
     return ns.exec(["ip", "-4", "-o", "addr", "show", "dev", TAP], check=False).stdout
 
 
-def _restart_under_ping(guest_image, netns: str, sock_dir: str, client: bool) -> list[int]:
+def _restart_under_ping(guest_image, netns: str, sock_dir: str, client: bool, packed: bool = False) -> list[int]:
     topology = "vhostd --client, QEMU server=on" if client else "vhostd server, QEMU reconnect=1"
+    if packed:
+        topology += ", packed rings"
     ns = g.NetNS(netns)
     daemons = Daemons(sock_dir, netns, ("--client",) if client else ())
     qemu = None
@@ -133,7 +135,7 @@ def _restart_under_ping(guest_image, netns: str, sock_dir: str, client: bool) ->
         daemons.start()
         ns.configure_tap(TAP, timeout=20, proc=daemons.current)  # once: the TAP is persistent
         qemu = g.Qemu(guest_image, daemons.sock, test_script=ping_script(), server=client,
-                      reconnect=None if client else 1).start()
+                      reconnect=None if client else 1, device_opts=["packed=on"] if packed else []).start()
         seen = wait_replies(qemu, 20, BOOT_BOUND_S, daemons.describe)
         for r in range(1, RESTARTS + 1):
             last_before = max(seen)
@@ -159,6 +161,8 @@ def _restart_under_ping(guest_image, netns: str, sock_dir: str, client: bool) ->
                 time.sleep(0.05)
             resumed_at = time.monotonic()
             assert "(existing, attached)" in d.stderr(), d.describe()
+            if packed:  # resumed from the saved positions, not from QEMU's stale base
+                assert "resuming a packed ring" in d.stderr(), d.describe()
             seen = wait_replies(qemu, len(replies(qemu)) + 30, RESUME_BOUND_S, daemons.describe)
             # Every ping from the last reply before the kill on, but for the newest few
             # (their replies may still be on the way): no ping is lost while no
@@ -188,6 +192,18 @@ def test_vhostd_sigkill_and_restart_as_server_qemu_reconnects(guest_image, netns
 
 def test_vhostd_sigkill_and_restart_as_client_of_qemu_server(guest_image, netns, sock_dir):
     losses = _restart_under_ping(guest_image, netns, sock_dir, client=True)
+    assert len(losses) == RESTARTS and all(0 <= n < RESUME_BOUND_S / PING_INTERVAL * 2 for n in losses), losses
+
+
+def test_packed_rings_vhostd_sigkill_and_restart_as_server_qemu_reconnects(guest_image, netns, sock_dir):
+    # QEMU 7.2 resends a packed ring's positions of its last clean stop only: the
+    # restarted daemon resumes from the positions its predecessor saved
+    losses = _restart_under_ping(guest_image, netns, sock_dir, client=False, packed=True)
+    assert len(losses) == RESTARTS and all(0 <= n < RESUME_BOUND_S / PING_INTERVAL * 2 for n in losses), losses
+
+
+def test_packed_rings_vhostd_sigkill_and_restart_as_client_of_qemu_server(guest_image, netns, sock_dir):
+    losses = _restart_under_ping(guest_image, netns, sock_dir, client=True, packed=True)
     assert len(losses) == RESTARTS and all(0 <= n < RESUME_BOUND_S / PING_INTERVAL * 2 for n in losses), losses
 
 

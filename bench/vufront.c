@@ -506,9 +506,14 @@ int main(int argc, char **argv)
     off = 0;
     for (uint32_t q = 0; q < queues; q++) {
         struct pair *p = &pairs[q];
+        /* With --regions every ring area comes first (region 0: a ring must lie
+         * inside one region) and the buffers after, sliced into the other regions. */
+        uint8_t *rings = nregions ? mem + q * 2 * RING_AREA : mem + off;
+        uint8_t *bufs = nregions ? mem + queues * 2 * RING_AREA + q * num * (rxbuf + txbuf)
+                                 : mem + off + 2 * RING_AREA;
 
-        setup_ring(&p->rx, mem + off, mem + off + 2 * RING_AREA, rxbuf, num);
-        setup_ring(&p->tx, mem + off + RING_AREA, mem + off + 2 * RING_AREA + num * rxbuf, txbuf, num);
+        setup_ring(&p->rx, rings, bufs, rxbuf, num);
+        setup_ring(&p->tx, rings + RING_AREA, bufs + num * rxbuf, txbuf, num);
         off += 2 * RING_AREA + num * (rxbuf + txbuf);
         for (uint32_t i = 0; i < num; i++)
             p->rx.desc[i].flags = VRING_DESC_F_WRITE;
@@ -556,15 +561,18 @@ int main(int argc, char **argv)
 
         send_msg(VHOST_USER_SET_MEM_TABLE, &mt, sizeof(mt), memfd);
     } else {
-        /* N slices of the memfd, page-aligned, the last one takes the rest. */
-        size_t slice = (memsize / nregions) & ~(size_t)4095;
+        /* Region 0: the ring areas; then N-1 page-aligned slices of the buffers,
+         * the last one taking the rest (N = 1: one region for everything). */
+        size_t head = nregions > 1 ? queues * 2 * RING_AREA : memsize;
+        size_t slice = nregions > 1 ? ((memsize - head) / (nregions - 1)) & ~(size_t)4095 : 0;
 
-        if (!slice || get_u64(VHOST_USER_GET_MAX_MEM_SLOTS) < nregions) {
+        if ((nregions > 1 && !slice) || get_u64(VHOST_USER_GET_MAX_MEM_SLOTS) < nregions) {
             fprintf(stderr, "vufront: %u regions: memory too small or beyond the backend's slots\n", nregions);
             return 1;
         }
         for (uint32_t i = 0; i < nregions; i++) {
-            size_t start = i * slice, len = i + 1 == nregions ? memsize - start : slice;
+            size_t start = i ? head + (i - 1) * slice : 0;
+            size_t len = i + 1 == nregions ? memsize - start : i ? slice : head;
             struct { uint64_t pad, gpa, size, uva, off; } reg = { 0, start, len, (uintptr_t)mem + start, start };
 
             send_msg(VHOST_USER_ADD_MEM_REG, &reg, sizeof(reg), memfd);

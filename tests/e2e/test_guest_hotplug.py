@@ -36,26 +36,7 @@ _ROUND = re.compile(r"VHOSTD-ROUND=(\d+) (\S+) (\d+)")
 
 
 class EventQmp(Qmp):
-    """Qmp that keeps the events it reads past, for wait_event."""
-
-    def __init__(self, path: str, timeout: float = 30.0):
-        self.events: list[dict] = []
-        super().__init__(path, timeout)
-
-    def cmd(self, name: str, **arguments):
-        msg = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            rep = json.loads(self.file.readline())
-            if "event" in rep:
-                self.events.append(rep)
-                continue
-            if "error" in rep:
-                raise RuntimeError(f"QMP {name}: {rep['error']}")
-            return rep["return"]
+    """Qmp that can wait for an event."""
 
     def wait_event(self, name: str, device: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -121,39 +102,68 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+class Run:
+    """vhostd, the HTTP server and a HotplugQemu downloading in a loop; what the
+    tests read from them."""
+
+    def __init__(self, guest_image, netns: str, sock_dir: str, http_server, extra_args=()):
+        self.control = os.path.join(sock_dir, "vhostd.ctl")
+        self.d = Vhostd(os.path.join(sock_dir, "vhostd.sock"), netns, control=self.control, logdir=sock_dir)
+        self.d.start()
+        self.q = None
+        try:
+            g.wait_for_socket(self.d.socket_path, timeout=30, proc=self.d)
+            g.NetNS(netns).configure_tap(TAP, timeout=20, proc=self.d)
+            self.srv = http_server(size=FILE_SIZE)
+            qmp_path = os.path.join(sock_dir, "qmp.sock")
+            self.q = HotplugQemu(guest_image, self.d.socket_path, qmp=qmp_path,
+                                 test_script=script(self.srv.url, f"http://{g.HOST_IP}:{self.srv.port}/stop"))
+            self.q.extra_args += list(extra_args)
+            self.q.start()
+            self.qmp = EventQmp(qmp_path)
+        except BaseException:
+            self.close()
+            raise
+
+    def context(self) -> str:
+        return self.d.describe() + "\n--- guest console ---\n" + g.tail(self.q.log, 30)
+
+    def regions(self) -> int:
+        return vhostctl(self.control, "ports")[0]["frontend"]["memory_regions"]
+
+    def rounds(self) -> dict[int, tuple[str, int]]:
+        """round -> (sha256, guest MemTotal in KiB)"""
+        return {int(n): (sha, int(m)) for n, sha, m in _ROUND.findall(self.q.log)}
+
+    def wait_rounds(self, n: int, timeout: float = 120) -> int:
+        """n more rounds than now; returns the last one's number."""
+        want = max(self.rounds(), default=0) + n
+        assert self.q.wait_for(rf"VHOSTD-ROUND={want} ", timeout), f"no round {want}\n" + self.context()
+        return want
+
+    def finish(self) -> dict[int, tuple[str, int]]:
+        """Stops the guest's loop; every round's sha256 must be right."""
+        (self.srv.directory / "stop").write_text("stop\n")
+        res = self.q.wait(timeout=120)
+        got = self.rounds()
+        bad = {n: sha for n, (sha, _) in got.items() if sha != self.srv.sha256}
+        assert res.ok, res.describe() + "\n" + self.context()
+        assert not bad and len(got) >= 5, f"{bad}\n{self.context()}"
+        self.qmp.close()
+        return got
+
+    def close(self) -> None:
+        if self.q is not None:
+            self.q.kill()
+            self.q.cleanup()
+        self.d.kill()
+
+
 def test_dimm_hotplug_beyond_eight_regions_and_unplug(guest_image, netns, sock_dir, http_server):
-    ns = g.NetNS(netns)
-    control = os.path.join(sock_dir, "vhostd.ctl")
-    d = Vhostd(os.path.join(sock_dir, "vhostd.sock"), netns, control=control, logdir=sock_dir)
-    d.start()
-    q = None
+    run = Run(guest_image, netns, sock_dir, http_server)
     try:
-        g.wait_for_socket(d.socket_path, timeout=30, proc=d)
-        ns.configure_tap(TAP, timeout=20, proc=d)
-        srv = http_server(size=FILE_SIZE)
-        stop = srv.directory / "stop"
-        qmp_path = os.path.join(sock_dir, "qmp.sock")
-        q = HotplugQemu(guest_image, d.socket_path, qmp=qmp_path,
-                        test_script=script(srv.url, f"http://{g.HOST_IP}:{srv.port}/stop"))
-        q.start()
-
-        def context() -> str:
-            return d.describe() + "\n--- guest console ---\n" + g.tail(q.log, 30)
-
-        def regions() -> int:
-            return vhostctl(control, "ports")[0]["frontend"]["memory_regions"]
-
-        def rounds() -> dict[int, tuple[str, int]]:
-            return {int(n): (s, int(m)) for n, s, m in _ROUND.findall(q.log)}
-
-        def wait_rounds(n: int, timeout: float = 120) -> int:
-            """n more rounds than now; returns the last round's number."""
-            start = max(rounds(), default=0)
-            assert q.wait_for(rf"VHOSTD-ROUND={start + n} ", timeout), f"no round {start + n}\n" + context()
-            return start + n
-
-        qmp = EventQmp(qmp_path)
-        wait_rounds(1, timeout=180)
+        qmp, d, context, regions, rounds = run.qmp, run.d, run.context, run.regions, run.rounds
+        run.wait_rounds(1, timeout=180)
         assert regions() == 1, context()
         pid = d.pid
         fds0, maps0 = _fds(pid), _memfd_maps(pid)
@@ -167,8 +177,7 @@ def test_dimm_hotplug_beyond_eight_regions_and_unplug(guest_image, netns, sock_d
             qmp.cmd("device_add", driver="pc-dimm", id=f"dimm{i}", memdev=f"m{i}")
             plug_s.append(time.monotonic() - t0)
             assert regions() == i + 2, context()
-        plugged_round = wait_rounds(2)
-        mem_plugged = rounds()[plugged_round][1]
+        mem_plugged = rounds()[run.wait_rounds(2)][1]
         print(f"\n[e2e] hotplug: {DIMMS} DIMMs of {DIMM_MB} MiB plugged, vhostd regions {regions()}, "
               f"plug {min(plug_s) * 1000:.0f}-{max(plug_s) * 1000:.0f} ms each; guest MemTotal "
               f"{mem0 >> 10} -> {mem_plugged >> 10} MiB; vhostd fds {fds0} -> {_fds(pid)}, "
@@ -184,8 +193,7 @@ def test_dimm_hotplug_beyond_eight_regions_and_unplug(guest_image, netns, sock_d
             qmp.cmd("object-del", id=f"m{i}")
             unplug_s.append(time.monotonic() - t0)
             assert regions() == DIMMS + 1 - (i + 1), context()
-        last = wait_rounds(2)
-        mem_after = rounds()[last][1]
+        mem_after = rounds()[run.wait_rounds(2)][1]
         fds1, maps1 = _fds(pid), _memfd_maps(pid)
         print(f"[e2e] hotplug: {UNPLUG} DIMMs unplugged in {min(unplug_s):.1f}-{max(unplug_s):.1f} s each "
               f"(guest offlines, ejects), vhostd regions {regions()}; guest MemTotal {mem_after >> 10} MiB; "
@@ -193,23 +201,13 @@ def test_dimm_hotplug_beyond_eight_regions_and_unplug(guest_image, netns, sock_d
         assert mem_after == mem_plugged - (UNPLUG * DIMM_MB << 10), context()
         assert (fds1, maps1) == (fds0 + DIMMS - UNPLUG, maps0 + DIMMS - UNPLUG), context()
 
-        stop.write_text("stop\n")
-        res = q.wait(timeout=120)
-        got = rounds()
-        bad = {n: s for n, (s, _) in got.items() if s != srv.sha256}
-        print(f"[e2e] hotplug: {len(got)} downloads of {FILE_SIZE >> 20} MiB, {len(bad)} bad", file=sys.stderr)
-        assert res.ok, res.describe() + "\n" + context()
-        assert not bad and len(got) >= 5, f"{bad}\n{context()}"
+        got = run.finish()
+        print(f"[e2e] hotplug: {len(got)} downloads of {FILE_SIZE >> 20} MiB, all sha256 right", file=sys.stderr)
         log = d.stderr()
         assert log.count("memory region added: ") == DIMMS + 1, context()
         assert log.count("memory region removed: ") == UNPLUG, context()
-        qmp.close()
     finally:
-        if q is not None:
-            q.kill()
-            q.cleanup()
-        d.kill()
-
+        run.close()
 
 VMEM_MB = 1024
 
@@ -220,33 +218,12 @@ def test_virtio_mem_resized_over_qmp(guest_image, netns, sock_dir, http_server):
     unplugging blocks inside it by changing requested-size sends vhostd nothing
     (the region stays mapped; unplugged blocks are discarded in QEMU). The guest's
     virtio_mem driver grows to 512 MiB, then shrinks to 256 MiB while it downloads."""
-    ns = g.NetNS(netns)
-    control = os.path.join(sock_dir, "vhostd.ctl")
-    d = Vhostd(os.path.join(sock_dir, "vhostd.sock"), netns, control=control, logdir=sock_dir)
-    d.start()
-    q = None
+    run = Run(guest_image, netns, sock_dir, http_server,
+              ["-object", f"memory-backend-memfd,id=vmem0,size={VMEM_MB}M,share=on",
+               "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0"])
     try:
-        g.wait_for_socket(d.socket_path, timeout=30, proc=d)
-        ns.configure_tap(TAP, timeout=20, proc=d)
-        srv = http_server(size=FILE_SIZE)
-        qmp_path = os.path.join(sock_dir, "qmp.sock")
-        q = HotplugQemu(guest_image, d.socket_path, qmp=qmp_path,
-                        test_script=script(srv.url, f"http://{g.HOST_IP}:{srv.port}/stop"))
-        q.extra_args += ["-object", f"memory-backend-memfd,id=vmem0,size={VMEM_MB}M,share=on",
-                         "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0"]
-        q.start()
-
-        def context() -> str:
-            return d.describe() + "\n--- guest console ---\n" + g.tail(q.log, 30)
-
-        def rounds() -> dict[int, tuple[str, int]]:
-            return {int(n): (s, int(m)) for n, s, m in _ROUND.findall(q.log)}
-
-        def regions() -> int:
-            return vhostctl(control, "ports")[0]["frontend"]["memory_regions"]
-
-        qmp = EventQmp(qmp_path)
-        assert q.wait_for(r"VHOSTD-ROUND=1 ", 180), context()
+        qmp, context, regions, rounds = run.qmp, run.context, run.regions, run.rounds
+        run.wait_rounds(1, timeout=180)
         assert regions() == 2, context()          # base RAM + the virtio-mem region
         mem0 = rounds()[max(rounds())][1]
         figures = []
@@ -258,25 +235,14 @@ def test_virtio_mem_resized_over_qmp(guest_image, netns, sock_dir, http_server):
                 assert time.monotonic() < deadline, f"virtio-mem did not reach {want_mb} MiB\n" + context()
                 time.sleep(0.2)
             took = time.monotonic() - t0
-            start = max(rounds())
-            assert q.wait_for(rf"VHOSTD-ROUND={start + 2} ", 120), context()
-            mem = rounds()[start + 2][1]
+            mem = rounds()[run.wait_rounds(2)][1]
             figures.append(f"{want_mb} MiB in {took:.1f} s, guest MemTotal {mem >> 10} MiB")
             assert mem - mem0 == want_mb << 10, context()
             assert regions() == 2, context()
         print(f"\n[e2e] virtio-mem: {'; '.join(figures)} (from {mem0 >> 10} MiB); vhostd regions 2 throughout",
               file=sys.stderr)
-        (srv.directory / "stop").write_text("stop\n")
-        res = q.wait(timeout=120)
-        got = rounds()
-        bad = {n: s for n, (s, _) in got.items() if s != srv.sha256}
-        assert res.ok, res.describe() + "\n" + context()
-        assert not bad and len(got) >= 5, f"{bad}\n{context()}"
-        log = d.stderr()
+        run.finish()
+        log = run.d.stderr()
         assert log.count("memory region added: ") == 2 and "memory region removed" not in log, context()
-        qmp.close()
     finally:
-        if q is not None:
-            q.kill()
-            q.cleanup()
-        d.kill()
+        run.close()

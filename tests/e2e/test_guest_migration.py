@@ -47,9 +47,11 @@ GUEST_MAC = "52:54:00:12:34:56"
 
 
 class Qmp:
-    """A minimal QMP client: one command at a time, events skipped."""
+    """A minimal QMP client: one command at a time; events read on the way are kept
+    in `events`."""
 
     def __init__(self, path: str, timeout: float = 30.0):
+        self.events: list[dict] = []
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -75,6 +77,7 @@ class Qmp:
         while True:
             rep = json.loads(self.file.readline())
             if "event" in rep:
+                self.events.append(rep)
                 continue
             if "error" in rep:
                 raise RuntimeError(f"QMP {name}: {rep['error']}")

@@ -138,7 +138,8 @@ class Run:
     def wait_rounds(self, n: int, timeout: float = 120) -> int:
         """n more rounds than now; returns the last one's number."""
         want = max(self.rounds(), default=0) + n
-        assert self.q.wait_for(rf"VHOSTD-ROUND={want} ", timeout), f"no round {want}\n" + self.context()
+        # the whole line: the console may show its beginning first
+        assert self.q.wait_for(rf"VHOSTD-ROUND={want} \S+ \d+\s", timeout), f"no round {want}\n" + self.context()
         return want
 
     def finish(self) -> dict[int, tuple[str, int]]:
@@ -177,7 +178,8 @@ def test_dimm_hotplug_beyond_eight_regions_and_unplug(guest_image, netns, sock_d
             qmp.cmd("device_add", driver="pc-dimm", id=f"dimm{i}", memdev=f"m{i}")
             plug_s.append(time.monotonic() - t0)
             assert regions() == i + 2, context()
-        mem_plugged = rounds()[run.wait_rounds(2)][1]
+        last = run.wait_rounds(2)
+        mem_plugged = rounds()[last][1]
         print(f"\n[e2e] hotplug: {DIMMS} DIMMs of {DIMM_MB} MiB plugged, vhostd regions {regions()}, "
               f"plug {min(plug_s) * 1000:.0f}-{max(plug_s) * 1000:.0f} ms each; guest MemTotal "
               f"{mem0 >> 10} -> {mem_plugged >> 10} MiB; vhostd fds {fds0} -> {_fds(pid)}, "
@@ -193,7 +195,8 @@ def test_dimm_hotplug_beyond_eight_regions_and_unplug(guest_image, netns, sock_d
             qmp.cmd("object-del", id=f"m{i}")
             unplug_s.append(time.monotonic() - t0)
             assert regions() == DIMMS + 1 - (i + 1), context()
-        mem_after = rounds()[run.wait_rounds(2)][1]
+        last = run.wait_rounds(2)
+        mem_after = rounds()[last][1]
         fds1, maps1 = _fds(pid), _memfd_maps(pid)
         print(f"[e2e] hotplug: {UNPLUG} DIMMs unplugged in {min(unplug_s):.1f}-{max(unplug_s):.1f} s each "
               f"(guest offlines, ejects), vhostd regions {regions()}; guest MemTotal {mem_after >> 10} MiB; "
@@ -235,7 +238,8 @@ def test_virtio_mem_resized_over_qmp(guest_image, netns, sock_dir, http_server):
                 assert time.monotonic() < deadline, f"virtio-mem did not reach {want_mb} MiB\n" + context()
                 time.sleep(0.2)
             took = time.monotonic() - t0
-            mem = rounds()[run.wait_rounds(2)][1]
+            last = run.wait_rounds(2)
+            mem = rounds()[last][1]
             figures.append(f"{want_mb} MiB in {took:.1f} s, guest MemTotal {mem >> 10} MiB")
             assert mem - mem0 == want_mb << 10, context()
             assert regions() == 2, context()
